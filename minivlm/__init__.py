@@ -1,0 +1,1 @@
+"""minivlm: a from-scratch, minimal vision-language model framework in plain PyTorch."""

@@ -1,0 +1,347 @@
+"""A Llama-style decoder-only Transformer, written out in full.
+
+Leaves first: RMSNorm -> rotary embeddings -> attention (GQA) -> SwiGLU MLP -> block -> model.
+Parameter names follow Hugging Face's LlamaForCausalLM without its "model." prefix
+(`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `norm`, `lm_head`), so loading real
+weights (`from_hf`, `from_gguf`) and PEFT adapters is a prefix map, not a translation table.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    """Defaults build the tiny model that trains on a laptop CPU; real sizes are in PRESETS."""
+
+    vocab_size: int = 512
+    dim: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    hidden_dim: int = 384  # SwiGLU inner size
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 puts a bias on q/k/v
+    tie_embeddings: bool = False  # SmolLM2 shares embed_tokens with lm_head
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.dim % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TransformerConfig: dim={self.dim} must divide by num_heads={self.num_heads}, "
+                f"and num_heads by num_kv_heads={self.num_kv_heads}"
+            )
+        self.head_dim = self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        config = asdict(self)
+        config.pop("head_dim")
+        return config
+
+
+# Shapes of real models (weights come from `from_hf` / `from_gguf`).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         hidden_dim=1536, max_seq_len=8192, rope_theta=100000.0,
+                         tie_embeddings=True),
+    "smollm2-360m": dict(vocab_size=49152, dim=960, num_layers=32, num_heads=15, num_kv_heads=5,
+                         hidden_dim=2560, max_seq_len=8192, rope_theta=100000.0,
+                         tie_embeddings=True),
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                         hidden_dim=4864, max_seq_len=32768, rope_theta=1000000.0,
+                         norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "gpt-125m": dict(vocab_size=32000, dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                     hidden_dim=2048, max_seq_len=2048),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32: the mean of squares overflows/loses precision in fp16/bf16.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021), HF's `rotate_half` layout: the two halves of each head are rotated."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        positions = torch.arange(max_seq_len, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)  # (L, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
+        # Not saved in checkpoints: they are a function of the config.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        cos = self.cos[position_ids].unsqueeze(1).to(dtype)  # (B, 1, T, hd)
+        sin = self.sin[position_ids].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer; `length` is how many positions are filled."""
+
+    def __init__(self, config: TransformerConfig, batch_size: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes this step's (B, nkv, T, hd) keys/values and returns all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions exceed the cache size {self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None, layer_index: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
+        # No mask and several queries means plain causal attention from position 0: SDPA's fused
+        # causal kernel applies (build_attention_mask returns a mask in every other case).
+        is_causal = attn_mask is None and T > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,  # each kv head serves nh/nkv q heads
+        )  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache, layer_index):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True = may attend: causal, and never onto padding keys.
+
+    Returns None when there is no padding and either nothing is cached (plain causal attention:
+    SDPA's fused kernel) or a single new token attends to everything before it.
+    """
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and (past_len == 0 or query_len == 1):
+        return None
+    key_len = past_len + query_len
+    query_pos = torch.arange(past_len, key_len, device=device)
+    causal = query_pos[:, None] >= torch.arange(key_len, device=device)[None, :]  # (T, S)
+    mask = causal[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :key_len].bool()  # (B, 1, T, S)
+        # A fully padded query row (left padding) would softmax over nothing -> NaN; let it see
+        # itself. Its output is never used.
+        mask = mask | (query_pos[:, None] == torch.arange(key_len, device=device)[None, :])
+    return mask
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        # Llama's initializer_range: N(0, 0.02) for every matrix, zero biases.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                kv_cache: KVCache | None = None, return_hidden: bool = False):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Transformer.forward: pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        past_len = kv_cache.length if kv_cache is not None else 0
+        if past_len + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len="
+                             f"{self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past_len, T, x.device)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill the prompt once, then decode one token at a time from the KV cache.
+
+        Batches are left-padded (attention_mask 0 on the left), so every row's next token is
+        written at the same column. Returns the new tokens (B, N); rows that hit a stop token are
+        filled with `pad_token_id` afterwards. temperature=0 is greedy.
+        """
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        B, T = prompt.shape[:2]
+        device = prompt.device
+        dtype = self.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        cache = KVCache(self.config, B, T + max_new_tokens, device, dtype)
+        logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                      attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_token_id)
+            new_tokens.append(token)
+            finished |= torch.isin(token, stop)
+            if bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            logits = self(input_ids=token[:, None], attention_mask=attention_mask,
+                          kv_cache=cache)[:, -1]
+        return torch.stack(new_tokens, dim=1) if new_tokens else prompt.new_zeros(B, 0).long()
+
+    def resize_token_embeddings(self, new_vocab_size: int):
+        """Grow (or shrink) the vocabulary; new rows start at the mean embedding, as HF suggests,
+        so a new token like [SEG] begins as an 'average' token rather than noise."""
+        old = self.embed_tokens.weight.data
+        if new_vocab_size == old.shape[0]:
+            return
+        keep = min(old.shape[0], new_vocab_size)
+        new_embed = nn.Embedding(new_vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
+        new_embed.weight.data[:keep] = old[:keep]
+        new_embed.weight.data[keep:] = old.mean(0)
+        self.embed_tokens = new_embed
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(old.shape[1], new_vocab_size, bias=False,
+                                     device=old.device, dtype=old.dtype)
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            old_head = self.lm_head.weight.data
+            self.lm_head = nn.Linear(old.shape[1], new_vocab_size, bias=False,
+                                     device=old.device, dtype=old.dtype)
+            self.lm_head.weight.data[:keep] = old_head[:keep]
+            self.lm_head.weight.data[keep:] = old_head.mean(0)
+        self.config.vocab_size = new_vocab_size
+
+    # Real weights: the conversions live in their own files; these are the entry points.
+    @classmethod
+    def from_hf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Transformer":
+        from minivlm.hf_weights import load_hf_checkpoint
+        return load_hf_checkpoint(path, dtype=dtype)
+
+    def to_hf(self, path: str | Path) -> None:
+        from minivlm.hf_weights import save_hf_checkpoint
+        save_hf_checkpoint(self, path)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Transformer":
+        from minivlm.gguf_weights import load_gguf_model
+        return load_gguf_model(path, dtype=dtype)
+
+
+def positions_from_mask(attention_mask, past_len: int, query_len: int, device) -> torch.Tensor:
+    """Position of each query token: counts only real tokens, so left padding doesn't shift RoPE."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + query_len, device=device)[None]  # (1, T)
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
+    return positions.clamp(min=0)[:, past_len:past_len + query_len]  # (B, T)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+                      top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (keeps at least one).
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
