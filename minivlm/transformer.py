@@ -225,6 +225,15 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                 kv_cache: KVCache | None = None, return_hidden: bool = False):
+        hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids,
+                                    kv_cache)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None,
+                      position_ids=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, D), without the LM head: a training loss only needs
+        logits where there are labels, which saves most of the (T x vocab) head on a VLM."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Transformer.forward: pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -241,9 +250,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attn_mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        hidden = self.norm(x)
-        logits = self.lm_head(hidden)  # (B, T, V)
-        return (logits, hidden) if return_hidden else logits
+        return self.norm(x)
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None,

@@ -1,0 +1,156 @@
+"""Checkpoints: one complete directory per save, and a `latest` pointer that moves last.
+
+    out_dir/
+      step_000500/  config.json  model.safetensors  tokenizer/  trainer_state.json
+                    optimizer_rank0.pt [optimizer_rank1.pt ...]  rng_rank0.pt [...]
+      latest        -> the text "step_000500"
+A save is written into `.tmp_step_000500/` and renamed when every rank has finished its files
+(a barrier under DDP); only then is `latest` replaced (write a temp file, os.replace). A crash
+at any moment leaves the previous checkpoint and pointer intact. Tensors are read back with
+safetensors or torch.load(weights_only=True): a checkpoint can never run code on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+
+from minivlm.distributed import DistributedEnv, barrier
+
+LATEST = "latest"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, *, model, config: dict, tokenizer,
+                    trainer_state: dict, optimizer, env: DistributedEnv, keep: int = 0,
+                    sharded_optimizer: bool = False) -> Path:
+    out_dir = Path(out_dir)
+    name = f"step_{step:06d}"
+    final, tmp = out_dir / name, out_dir / f".tmp_{name}"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(env)
+    # ZeRO-1: every rank owns a different shard of the optimizer state, so every rank writes.
+    if sharded_optimizer or env.is_main:
+        torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{env.rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    if env.is_main:
+        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates itself
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save(tmp / "tokenizer")
+        state = dict(trainer_state, step=step, world_size=env.world_size,
+                     sharded_optimizer=sharded_optimizer)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    barrier(env)  # every shard is on disk before the directory becomes visible
+    if env.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(out_dir / LATEST, name)
+        prune(out_dir, keep)
+    barrier(env)
+    return final
+
+
+def prune(out_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` step directories (0 keeps all)."""
+    if keep <= 0:
+        return
+    for old in sorted(out_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (follows its `latest`) or a step directory -> the step directory."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"{path}: not a minivlm checkpoint (expected config.json and "
+                         "model.safetensors, or a run directory with a 'latest' file)")
+    return path
+
+
+def read_config(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((ckpt_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{ckpt_dir / 'config.json'}: unreadable ({error})") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly, naming the first tensor that is missing or mis-shaped."""
+    state = load_file(str(path))
+    expected = model.state_dict()
+    # Tied weights (embed_tokens / lm_head) share storage; save_model kept one of the names.
+    aliases: dict[int, set[str]] = {}
+    for name, tensor in expected.items():
+        aliases.setdefault(tensor.data_ptr(), set()).add(name)
+    for name, tensor in expected.items():
+        if not aliases[tensor.data_ptr()] & state.keys():
+            raise ValueError(f"{path}: missing tensor '{name}' {tuple(tensor.shape)}")
+        if name in state and state[name].shape != tensor.shape:
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
+                             f"the model expects {tuple(tensor.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor '{unexpected[0]}' "
+                         f"({len(unexpected)} in all) for this model config")
+    model.load_state_dict(state, strict=False)
+
+
+def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, sharded: bool) -> dict:
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    if sharded and state["sharded_optimizer"] and state["world_size"] != env.world_size:
+        raise ValueError(
+            f"{ckpt_dir}: optimizer sharded over {state['world_size']} ranks, this run has "
+            f"{env.world_size}; run `python -m minivlm.consolidate {ckpt_dir}` first to write a "
+            "full optimizer state that any world size can resume from")
+    rank = env.rank if sharded and state["sharded_optimizer"] else 0
+    path = ckpt_dir / f"optimizer_rank{rank}.pt"
+    if not path.is_file():
+        full = ckpt_dir / "optimizer_full.pt"
+        if full.is_file():
+            return torch.load(full, map_location="cpu", weights_only=True)
+        raise ValueError(f"{ckpt_dir}: optimizer shard {path.name} is missing; the checkpoint is "
+                         "incomplete, resume from an earlier step directory")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(ckpt_dir: Path, env: DistributedEnv) -> None:
+    path = ckpt_dir / f"rng_rank{env.rank}.pt"
+    if not path.is_file():
+        path = ckpt_dir / "rng_rank0.pt"
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def config_differences(saved: dict, requested: dict, prefix: str = "") -> list[str]:
+    """Fields whose values differ between two nested config dicts, as 'a.b: saved -> requested'."""
+    out = []
+    for key in sorted(set(saved) | set(requested)):
+        a, b = saved.get(key), requested.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} requested")
+    return out

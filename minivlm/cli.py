@@ -1,0 +1,58 @@
+"""Command-line flags generated from config dataclasses, so no flag is ever copied by hand.
+
+`add_config_args(parser, VisionConfig, prefix="vision")` adds `--vision-image-size` etc. with
+the field's default and type; `config_from_args(args, VisionConfig, "vision")` builds it back.
+Booleans become `--flag` / `--no-flag`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def _flag(prefix: str, name: str) -> str:
+    return "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
+
+
+def _dest(prefix: str, name: str) -> str:
+    return (f"{prefix}_" if prefix else "") + name
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_class, prefix: str = "",
+                    defaults: dict | None = None) -> None:
+    """One flag per init field of `config_class`; `defaults` overrides the dataclass defaults
+    (a stage script uses it to change, say, the learning rate it starts from)."""
+    hints = typing.get_type_hints(config_class)
+    group = parser.add_argument_group(prefix or config_class.__name__)
+    for f in dataclasses.fields(config_class):
+        if not f.init:
+            continue
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()
+        kind = hints[f.name]
+        flag, dest = _flag(prefix, f.name), _dest(prefix, f.name)
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=default)
+        elif kind in (int, float, str):
+            group.add_argument(flag, dest=dest, type=kind, default=default,
+                               metavar=kind.__name__.upper())
+
+
+def config_from_args(args: argparse.Namespace, config_class, prefix: str = "", **extra):
+    values = {f.name: getattr(args, _dest(prefix, f.name))
+              for f in dataclasses.fields(config_class)
+              if f.init and hasattr(args, _dest(prefix, f.name))}
+    return config_class(**values, **extra)
+
+
+def underscore_aliases(argv: list[str]) -> list[str]:
+    """Accept `--model_path` for `--model-path` (scripts that users already have use them)."""
+    return [a.replace("_", "-") if a.startswith("--") and "=" not in a else
+            a.split("=", 1)[0].replace("_", "-") + "=" + a.split("=", 1)[1]
+            if a.startswith("--") else a for a in argv]

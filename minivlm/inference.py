@@ -1,0 +1,85 @@
+"""Batched inference on `Sample`s: answer the last question, or predict the [SEG] masks.
+
+Prompts are the sample's turns up to (not including) the final assistant turn, rendered with the
+checkpoint's chat template plus the generation prompt, exactly as in training. Batches are
+left-padded so every row's next token lands in the same column of the KV cache.
+"""
+from __future__ import annotations
+
+import torch
+
+from minivlm.data.batch import collate, expand_image_tokens
+from minivlm.data.images import load_image
+from minivlm.data.sample import Sample
+
+
+def prompt_turns(sample: Sample) -> list[dict]:
+    turns = list(sample.turns)
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    return turns
+
+
+def encode_prompt(sample: Sample, tokenizer, image_processor, tokens_per_tile: int,
+                  answer: str | None = None) -> dict:
+    """Token ids of the prompt (plus `answer` as the assistant turn when given), with the
+    image tokens expanded, and the preprocessed images."""
+    turns = prompt_turns(sample)
+    if answer is not None:
+        turns = turns + [{"role": "assistant", "content": answer}]
+    ids, labels = tokenizer.encode_chat(turns, add_generation_prompt=answer is None)
+    pixels = [image_processor(load_image(p)) for p in sample.images]
+    ids, labels = expand_image_tokens(ids, labels, tokenizer.image_token_id,
+                                      [px.shape[0] * tokens_per_tile for px in pixels])
+    return dict(input_ids=ids, labels=labels, pixel_values=pixels, masks=[])
+
+
+def _batches(items: list, batch_size: int):
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+@torch.no_grad()
+def answer_samples(model, tokenizer, image_processor, samples: list[Sample],
+                   batch_size: int = 16, max_new_tokens: int = 64, progress=None) -> list[str]:
+    """Greedy answers, one string per sample."""
+    device = next(model.parameters()).device
+    answers = []
+    for chunk in _batches(samples, batch_size):
+        batch = collate([encode_prompt(s, tokenizer, image_processor,
+                                       model.image_tokens_per_tile) for s in chunk],
+                        tokenizer.pad_id, left_pad=True)
+        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        new_tokens = model.generate(batch["input_ids"].to(device),
+                                    batch["attention_mask"].to(device), pixels,
+                                    max_new_tokens=max_new_tokens,
+                                    stop_token_ids=tokenizer.stop_token_ids,
+                                    pad_token_id=tokenizer.pad_id)
+        answers += [tokenizer.decode(row.tolist()) for row in new_tokens.cpu()]
+        if progress is not None:
+            progress.update(len(chunk))
+    return answers
+
+
+@torch.no_grad()
+def predict_masks(model, tokenizer, image_processor, samples: list[Sample], answers: list[str],
+                  batch_size: int = 16, threshold: float = 0.0) -> list[list[torch.Tensor]]:
+    """Binary (H, W) masks for every [SEG] in each sample's `answer` (teacher-forced: the answer
+    text is fed as the assistant turn, as LISA's validation does), at the image's own size."""
+    device = next(model.parameters()).device
+    out: list[list[torch.Tensor]] = []
+    for chunk, chunk_answers in zip(_batches(samples, batch_size), _batches(answers, batch_size)):
+        items = [encode_prompt(s, tokenizer, image_processor, model.image_tokens_per_tile, a)
+                 for s, a in zip(chunk, chunk_answers)]
+        batch = collate(items, tokenizer.pad_id)
+        sizes = [tuple(load_image(s.images[0]).size[::-1]) for s in chunk]  # (H, W)
+        logits = model.predict_masks(batch["input_ids"].to(device),
+                                     batch["attention_mask"].to(device),
+                                     batch["pixel_values"].to(device),
+                                     batch["seg_tile_index"].to(device), sizes)
+        seg_counts = (batch["input_ids"][:, 1:] == tokenizer.seg_token_id).sum(1).tolist()
+        masks = [(m > threshold).to(torch.uint8).cpu() for m in logits]
+        for count in seg_counts:
+            out.append(masks[:count])
+            masks = masks[count:]
+    return out

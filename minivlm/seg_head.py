@@ -1,0 +1,77 @@
+"""LISA's segmentation head: the `[SEG]` hidden state prompts a SAM-style mask decoder.
+
+    hidden state predicting [SEG] (n, D) ─► text_hidden_fcs ─► sparse prompt (n, 1, C)
+    the image's patch tokens (n, P, Dv) ─► image_to_mask ─► image_embeddings (n, C, g, g)
+    random-Fourier image_pe (1, C, g, g), learned no-mask dense prompt (n, C, g, g)
+        ─► MaskDecoder ─► (n, 1, 4g, 4g) mask logits ─► bilinear to each image's (H, W)
+LISA feeds SAM's own ViT-H image embeddings; by default we reuse the VLM's vision tower (its
+patch grid, projected to the decoder width) so the whole model trains on a CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minivlm.mask_decoder import MaskDecoderConfig, build_mask_decoder, load_sam_mask_decoder
+from minivlm.seg_losses import dice_loss, sigmoid_bce_loss
+
+
+@dataclass
+class SegConfig:
+    enabled: bool = False
+    decoder_dim: int = 64
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_mlp_dim: int = 128
+    iou_head_hidden_dim: int = 64
+    sam_checkpoint: str = ""  # an original SAM .pth: its mask decoder (256 wide) is loaded
+    ce_weight: float = 1.0  # LISA's loss weights
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+
+
+class SegHead(nn.Module):
+    def __init__(self, config: SegConfig, lm_dim: int, vision_dim: int, grid_size: int):
+        super().__init__()
+        if config.sam_checkpoint:
+            self.mask_decoder, self.prompt_encoder = load_sam_mask_decoder(config.sam_checkpoint)
+            config.decoder_dim = self.mask_decoder.transformer_dim
+        else:
+            self.mask_decoder, self.prompt_encoder = build_mask_decoder(MaskDecoderConfig(
+                transformer_dim=config.decoder_dim, depth=config.decoder_depth,
+                num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim,
+                iou_head_hidden_dim=config.iou_head_hidden_dim))
+        dim = config.decoder_dim
+        # LISA's text_hidden_fcs: Linear(D, D) -> ReLU -> Linear(D, C) (its dropout is 0).
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(lm_dim, lm_dim), nn.ReLU(),
+                                             nn.Linear(lm_dim, dim))
+        self.image_to_mask = nn.Linear(vision_dim, dim)
+        self.grid_size = grid_size
+
+    def forward(self, seg_hidden: torch.Tensor, patch_tokens: torch.Tensor,
+                sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One (H, W) mask-logit map per [SEG]; `patch_tokens[k]` is the image of [SEG] k."""
+        n, g = seg_hidden.shape[0], self.grid_size
+        sparse = self.text_hidden_fcs(seg_hidden)[:, None]  # (n, 1, C)
+        image = self.image_to_mask(patch_tokens)  # (n, P, C)
+        image = image.transpose(1, 2).reshape(n, -1, g, g)  # (n, C, g, g)
+        dense = self.prompt_encoder(n, (g, g))  # (n, C, g, g)
+        image_pe = self.prompt_encoder.get_dense_pe((g, g))  # (1, C, g, g)
+        low_res, _ = self.mask_decoder(image_embeddings=image, image_pe=image_pe,
+                                       sparse_prompt_embeddings=sparse,
+                                       dense_prompt_embeddings=dense,
+                                       multimask_output=False)  # (n, 1, 4g, 4g)
+        return [F.interpolate(low_res[k:k + 1].float(), size=tuple(size), mode="bilinear",
+                              align_corners=False)[0, 0] for k, size in enumerate(sizes)]
+
+    @staticmethod
+    def loss(predicted: list[torch.Tensor], masks: list[torch.Tensor]):
+        """Mean over masks of BCE and Dice; masks may differ in size, so one at a time."""
+        bce = torch.stack([sigmoid_bce_loss(p[None], m[None].to(p.device))
+                           for p, m in zip(predicted, masks)]).mean()
+        dice = torch.stack([dice_loss(p[None], m[None].to(p.device))
+                            for p, m in zip(predicted, masks)]).mean()
+        return bce, dice

@@ -1,0 +1,161 @@
+"""What the three training scripts share: their flags, the model they start from, their data.
+
+Flags come from the config dataclasses (cli.py): TrainConfig (no prefix), VisionConfig
+(--vision-*), ProjectorConfig (--projector-*), TransformerConfig (--lm-*), SegConfig (--seg-*),
+LoRAConfig (--lora-*). A stage starts from one of:
+  --init-from CKPT    the previous stage's checkpoint (weights + tokenizer; LoRA merged in)
+  --lm-gguf FILE      a real language model from a GGUF file (its tokenizer too)
+  --lm-hf DIR         a real language model from a Hugging Face checkpoint directory
+  --tokenizer DIR     a fresh, randomly initialised model sized by the --lm-* flags
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from minivlm.build import build_vlm, load_vlm, set_trainable
+from minivlm.cli import add_config_args, config_from_args
+from minivlm.data.batch import ChatDataset
+from minivlm.data.readers import read_dataset
+from minivlm.distributed import DistributedEnv, init_distributed
+from minivlm.lora import apply_lora, count_parameters, mark_trainable
+from minivlm.projector import ProjectorConfig
+from minivlm.seg_head import SegConfig, SegHead
+from minivlm.tokenizer import load_tokenizer
+from minivlm.trainer import TrainConfig
+from minivlm.transformer import Transformer, TransformerConfig
+from minivlm.vision import ImageProcessor, VisionConfig
+from minivlm.vlm import VLM, VLMConfig
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 0  # 0 = no adapters: the parts named by --train train fully
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "attn,mlp"  # module names, groups (attn, mlp, all-linear, projector), re:...
+    train_extra: str = ""  # modules trained fully beside the adapters, comma-separated
+
+
+@dataclass
+class SourceConfig:
+    tokenizer: str = ""
+    lm_gguf: str = ""
+    lm_hf: str = ""
+
+
+def parse_args(description: str, argv=None, train_defaults: dict | None = None,
+               lora_defaults: dict | None = None, seg_defaults: dict | None = None):
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, TrainConfig, defaults=train_defaults)
+    add_config_args(parser, SourceConfig)
+    add_config_args(parser, VisionConfig, "vision")
+    add_config_args(parser, ProjectorConfig, "projector")
+    add_config_args(parser, TransformerConfig, "lm")
+    add_config_args(parser, SegConfig, "seg", defaults=seg_defaults)
+    add_config_args(parser, LoRAConfig, "lora", defaults=lora_defaults)
+    parser.add_argument("--sample-rates", default="",
+                        help="comma-separated weights, one per --data file: each step draws "
+                             "examples from the files in these proportions (LISA)")
+    parser.add_argument("--val-limit", type=int, default=200,
+                        help="validation items evaluated every --eval-every steps")
+    args = parser.parse_args(argv)
+    args.train_config = config_from_args(args, TrainConfig)
+    args.source = config_from_args(args, SourceConfig)
+    args.lora_config = config_from_args(args, LoRAConfig, "lora")
+    return args
+
+
+def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
+                  with_seg: bool = False):
+    """(model, tokenizer, run_config) with the right parameters trainable; prints the counts."""
+    train, source = args.train_config, args.source
+    seg_config = config_from_args(args, SegConfig, "seg")
+    seg_config.enabled = seg_config.enabled or with_seg
+    pretrained_parts = set()
+    if train.init_from:
+        model, tokenizer, _ = load_vlm(train.init_from, merge_lora=True)
+        pretrained_parts = {"vision", "projector", "lm"}
+        if seg_config.enabled and model.seg_head is None:  # e.g. seg stage after SFT
+            model.config.seg = seg_config
+            model.seg_head = SegHead(seg_config, model.config.lm.dim, model.config.vision.width,
+                                     model.vision.grid_size)
+    else:
+        lm = None
+        if source.lm_gguf:
+            from minivlm.gguf_weights import load_gguf
+            lm, tokenizer = load_gguf(source.lm_gguf)
+            pretrained_parts.add("lm")
+        elif source.lm_hf:
+            from minivlm.tokenizer import load_hf_tokenizer
+            lm, tokenizer = Transformer.from_hf(source.lm_hf), load_hf_tokenizer(source.lm_hf)
+            pretrained_parts.add("lm")
+        elif source.tokenizer:
+            tokenizer = load_tokenizer(source.tokenizer)
+        else:
+            sys.exit("error: pass --init-from CKPT, --lm-gguf FILE, --lm-hf DIR or --tokenizer DIR")
+        vision = config_from_args(args, VisionConfig, "vision")
+        if vision.pretrained:
+            pretrained_parts.add("vision")
+        config = VLMConfig(lm=config_from_args(args, TransformerConfig, "lm"), vision=vision,
+                           projector=config_from_args(args, ProjectorConfig, "projector"),
+                           seg=seg_config)
+        model = build_vlm(config, tokenizer, lm=lm)
+    # "auto": the stage's own parts, plus anything still random (it has to learn from scratch).
+    parts = (auto_parts | ({"vision", "projector", "lm"} - pretrained_parts)
+             if train.train == "auto" else set(filter(None, train.train.split(","))))
+    if not seg_config.enabled:
+        parts.discard("seg")
+    set_trainable(model, parts)
+    lora = args.lora_config
+    run_config = {"stage": stage, "model": model.config.to_dict(), "lora": None}
+    if lora.r > 0:
+        trained_fully = [n for n, p in model.named_parameters() if p.requires_grad]
+        apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                   targets=tuple(filter(None, lora.targets.split(","))))
+        extras = tuple(filter(None, lora.train_extra.split(",")))
+        mark_trainable(model, extras)
+        # Parts the stage trains that LoRA does not cover (e.g. the projector) keep training.
+        for name, p in model.named_parameters():
+            if name in trained_fully and not name.startswith("lm."):
+                p.requires_grad_(True)
+        run_config["lora"] = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                  targets=tuple(filter(None, lora.targets.split(","))))
+    trainable, total = count_parameters(model)
+    if env.is_main:
+        print(f"[{stage}] parameters: {trainable:,} trainable of {total:,} "
+              f"({100 * trainable / total:.1f}%); training: {sorted(parts)}"
+              + (f" + LoRA r={lora.r}" if lora.r > 0 else ""))
+    return model, tokenizer, run_config
+
+
+def load_training_data(paths: str, args, model: VLM, tokenizer, env: DistributedEnv):
+    """One ChatDataset per comma-separated path; errors stop here, before the first step."""
+    train = args.train_config
+    processor = ImageProcessor.for_tower(model.vision)
+    datasets = []
+    for path in filter(None, paths.split(",")):
+        errors: list[str] | None = [] if train.skip_bad else None
+        samples = read_dataset(path, train.image_dir or None, errors=errors)
+        dataset = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile,
+                              model.config.lm.max_seq_len, train.preload_images, train.skip_bad)
+        skipped = (errors or []) + dataset.errors
+        if env.is_main:
+            print(f"data {path}: {len(dataset)} examples"
+                  + (f", {len(skipped)} bad records skipped (first: {skipped[0]})"
+                     if skipped else ""))
+        datasets.append(dataset)
+    return datasets
+
+
+def start(args) -> DistributedEnv:
+    env = init_distributed(args.train_config.ddp, None if args.train_config.device == "auto"
+                           else args.train_config.device)
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(args.train_config.seed)
+    return env
+

@@ -1,0 +1,263 @@
+"""The one training loop every stage shares (pretrain, SFT, segmentation), for 1 or N processes.
+
+Per optimizer step: `grad_accum` micro-batches under autocast, each backward scaled by the
+GradScaler (active only for fp16); gradients all-reduced by DDP only on the last micro-batch;
+unscale, clip to the global norm, optimizer step (AdamW, or ZeRO-1 shards), cosine-warmup LR.
+Data order is a pure function of (seed, epoch), so `--resume` continues bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from minivlm.checkpoint import (config_differences, load_optimizer_state, load_weights,
+                                read_config, resolve_checkpoint, restore_rng, save_checkpoint)
+from minivlm.data.batch import collate
+from minivlm.distributed import DistributedEnv, all_reduce_mean, barrier, no_sync_if, wrap_ddp
+from minivlm.schedule import cosine_warmup_lr
+from minivlm.zero import ZeRO1, clip_grad_norm_
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # training data file(s), comma-separated (any format readers.py knows)
+    image_dir: str = ""  # where image paths resolve ("" = each data file's folder)
+    val_data: str = ""
+    out_dir: str = "runs/sft"
+    init_from: str = ""  # a previous stage's checkpoint (weights + tokenizer)
+    resume: bool = False  # continue out_dir's latest checkpoint exactly
+    train: str = "auto"  # parts to train: comma list of vision,projector,lm,seg or "auto"
+    max_steps: int = 300
+    batch_size: int = 16  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on CUDA; CPU runs fp32)
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep: int = 2  # step directories to keep (0 = all)
+    ddp: bool = False
+    zero1: bool = False
+    grad_checkpoint: bool = False
+    compile: bool = False
+    group_by_length: bool = False
+    skip_bad: bool = False
+    num_workers: int = 0
+    preload_images: bool = True  # decode every image once up front (also validates them)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights), not norms or biases (nanoGPT's rule)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class BatchPlan:
+    """This rank's micro-batches, epoch after epoch: DistributedSampler order (set_epoch), then
+    optionally grouped by length so padding is small. Micro-batch m is always the same indices."""
+
+    def __init__(self, lengths: list[int], batch_size: int, env: DistributedEnv, seed: int,
+                 group_by_length: bool):
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group_by_length
+        self.sampler = DistributedSampler(range(len(lengths)), num_replicas=env.world_size,
+                                          rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(lengths)} examples are fewer than one batch of {batch_size} "
+                             f"per each of {env.world_size} processes")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)[: self.per_epoch * self.batch_size]
+        if self.group:  # sort inside windows of 32 batches: similar lengths share a batch
+            window = 32 * self.batch_size
+            order = [i for s in range(0, len(order), window)
+                     for i in sorted(order[s:s + window], key=self.lengths.__getitem__)]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.group:  # shuffle the batches back, deterministically
+            g = torch.Generator().manual_seed(epoch)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def from_micro_step(self, start: int):
+        epoch, offset = divmod(start, self.per_epoch)
+        while True:
+            yield from self.epoch_batches(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+class Trainer:
+    def __init__(self, model, tokenizer, train_set, config: TrainConfig, env: DistributedEnv,
+                 run_config: dict, evaluate=None):
+        self.config, self.env, self.tokenizer = config, env, tokenizer
+        self.model = model.to(env.device)
+        self.run_config = dict(run_config, train=asdict(config))
+        self.evaluate = evaluate
+        self.dtype = resolve_dtype(config.dtype, env.device)
+        groups = param_groups(self.model, config.weight_decay)
+        adamw = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.optimizer = (ZeRO1(groups, torch.optim.AdamW, **adamw) if config.zero1
+                          else torch.optim.AdamW(groups, **adamw))
+        # fp16's 5-bit exponent underflows small gradients, so the loss is scaled up first. bf16
+        # has fp32's 8-bit exponent range: nothing underflows and a scaler would only add work
+        # (MiniMind-V's SFT script enables it for bf16 as well; it is harmless there, not needed).
+        self.scaler = torch.amp.GradScaler(env.device.type,
+                                           enabled=self.dtype == torch.float16)
+        self.train_model = self.model
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        if env.distributed:
+            # Unused parameters exist by design (e.g. the mask decoder on a batch without [SEG]).
+            self.train_model = wrap_ddp(self.train_model, env, find_unused_parameters=True)
+        self.train_set = train_set
+        self.plan = BatchPlan(train_set.lengths(), config.batch_size, env, config.seed,
+                              config.group_by_length)
+        self.step = 0
+        self.out_dir = Path(config.out_dir)
+        if config.resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        ckpt = resolve_checkpoint(self.out_dir)
+        saved = read_config(ckpt)
+        differences = config_differences(saved["model"], self.run_config["model"])
+        if differences:
+            raise ValueError(f"{ckpt}: cannot resume, the model config differs: "
+                             + "; ".join(differences[:5]))
+        load_weights(self.model, ckpt / "model.safetensors")
+        self.optimizer.load_state_dict(load_optimizer_state(ckpt, self.env, self.config.zero1))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        restore_rng(ckpt, self.env)
+        if self.env.is_main:
+            print(f"resumed from {ckpt} at step {self.step}")
+
+    def _loader(self):
+        pad_id = self.tokenizer.pad_id
+        batches = self.plan.from_micro_step(self.step * self.config.grad_accum)
+        return iter(DataLoader(self.train_set, batch_sampler=batches,
+                               collate_fn=lambda items: collate(items, pad_id),
+                               num_workers=self.config.num_workers))
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.env.device
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+               for k, v in batch.items()}
+        out["masks"] = [m.to(device) for m in batch["masks"]]
+        return out
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.out_dir, self.step, model=self.model, config=self.run_config,
+            tokenizer=self.tokenizer, trainer_state={"scaler": self.scaler.state_dict()},
+            optimizer=self.optimizer, env=self.env, keep=self.config.keep,
+            sharded_optimizer=self.config.zero1)
+
+    def fit(self) -> dict:
+        """Train to max_steps; returns the last logged scalars and evaluation metrics."""
+        c, env = self.config, self.env
+        writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        batches = self._loader()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        progress = tqdm(total=c.max_steps, initial=self.step, disable=not env.is_main,
+                        desc=self.out_dir.name, dynamic_ncols=True)
+        window = dict(loss=0.0, bce=0.0, dice=0.0, tokens=0, images=0, n=0, t0=time.time())
+        results: dict = {}
+        self.model.train()
+        while self.step < c.max_steps:
+            lr = cosine_warmup_lr(self.step, max_lr=c.lr, warmup_steps=c.warmup_steps,
+                                  total_steps=c.max_steps, min_lr=c.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(c.grad_accum):
+                batch = self._to_device(next(batches))
+                # Only the last micro-batch all-reduces gradients; the others just accumulate.
+                with no_sync_if(self.train_model, micro < c.grad_accum - 1):
+                    with torch.autocast(env.device.type, dtype=self.dtype,
+                                        enabled=self.dtype != torch.float32):
+                        out = self.train_model(**batch)
+                    self.scaler.scale(out.loss / c.grad_accum).backward()
+                window["loss"] += float(out.ce_loss) / c.grad_accum
+                window["bce"] += float(out.mask_bce or 0.0) / c.grad_accum
+                window["dice"] += float(out.mask_dice or 0.0) / c.grad_accum
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["images"] += 0 if batch["pixel_values"] is None \
+                    else batch["pixel_values"].shape[0]
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window["n"] += 1
+            progress.update(1)
+            if self.step % c.log_every == 0 or self.step == c.max_steps:
+                results.update(self._log(window, lr, float(grad_norm), writer, progress))
+                window = dict(loss=0.0, bce=0.0, dice=0.0, tokens=0, images=0, n=0,
+                              t0=time.time())
+            last = self.step == c.max_steps
+            if self.evaluate is not None and ((c.eval_every and self.step % c.eval_every == 0)
+                                              or last):
+                results.update(self._evaluate(writer))
+            if (c.save_every and self.step % c.save_every == 0) or last:
+                self.save()
+        progress.close()
+        if writer is not None:
+            writer.close()
+        return results
+
+    def _log(self, window, lr, grad_norm, writer, progress) -> dict:
+        seconds = max(time.time() - window["t0"], 1e-9)
+        n = window["n"]
+        scalars = {"train/loss": all_reduce_mean(window["loss"] / n, self.env),
+                   "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/tokens_per_s": window["tokens"] * self.env.world_size / seconds,
+                   "train/images_per_s": window["images"] * self.env.world_size / seconds}
+        if window["bce"]:
+            scalars["train/mask_bce"] = all_reduce_mean(window["bce"] / n, self.env)
+            scalars["train/mask_dice"] = all_reduce_mean(window["dice"] / n, self.env)
+        if writer is not None:
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, self.step)
+            progress.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.1e}",
+                                 tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+        return scalars
+
+    def _evaluate(self, writer) -> dict:
+        metrics = {}
+        if self.env.is_main:
+            self.model.eval()
+            metrics = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
+            self.model.train()
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, self.step)
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.3f}"
+                                                          for k, v in metrics.items()))
+        barrier(self.env)
+        return metrics

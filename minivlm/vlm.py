@@ -1,0 +1,143 @@
+"""The vision-language model: CLIP patch tokens, a projector, and the Transformer, joined (LLaVA).
+
+The tokenizer writes one `<image>` id per image placeholder; the data pipeline (data/batch.py)
+repeats that id once per image-token row, so a sequence already has the right length. Here each of
+those positions gets its row of projected image features instead of the `<image>` embedding:
+    text ids (B, T) ─► embed_tokens ─► (B, T, D) ─┐
+    pixels (N, 3, S, S) ─► VisionTower ─► (N, P, Dv) ─► projector ─► (N, P', D) ─► rows spliced in
+With segmentation enabled, the hidden state that predicts each `[SEG]` prompts a SAM-style mask
+decoder (LISA): see seg_head.py.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minivlm.projector import ProjectorConfig, build_projector, tokens_per_tile
+from minivlm.seg_head import SegConfig, SegHead
+from minivlm.transformer import Transformer, TransformerConfig
+from minivlm.vision import VisionConfig, VisionTower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMConfig:
+    """Every sub-config of the model; saved as config.json in each checkpoint."""
+
+    lm: TransformerConfig = field(default_factory=TransformerConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    image_token_id: int = -1  # set from the tokenizer
+    seg_token_id: int = -1
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["lm"] = self.lm.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        return cls(lm=TransformerConfig(**d["lm"]), vision=VisionConfig(**d["vision"]),
+                   projector=ProjectorConfig(**d["projector"]), seg=SegConfig(**d["seg"]),
+                   image_token_id=d["image_token_id"], seg_token_id=d["seg_token_id"])
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    mask_bce: torch.Tensor | None = None
+    mask_dice: torch.Tensor | None = None
+    num_label_tokens: int = 0
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig, lm: Transformer | None = None):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.lm = lm if lm is not None else Transformer(config.lm)
+        self.projector = build_projector(config.projector, config.vision.width, config.lm.dim)
+        self.seg_head = SegHead(config.seg, config.lm.dim, config.vision.width,
+                                self.vision.grid_size) if config.seg.enabled else None
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        return tokens_per_tile(self.config.projector, self.vision.num_patches)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Token embeddings with image features spliced in; also returns the patch tokens."""
+        embeds = self.lm.embed_tokens(input_ids)  # (B, T, D)
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        if pixel_values is None or pixel_values.numel() == 0:
+            if bool(is_image.any()):
+                raise ValueError("input has <image> tokens but no pixel_values were given")
+            return embeds, None
+        patch_tokens = self.vision(pixel_values.to(embeds.dtype))  # (N, P, Dv)
+        image_embeds = self.projector(patch_tokens)  # (N, P', D)
+        image_rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # (N*P', D)
+        if int(is_image.sum()) != image_rows.shape[0]:
+            raise ValueError(f"{int(is_image.sum())} <image> token positions but the images give "
+                             f"{image_rows.shape[0]} rows ({image_embeds.shape[0]} tiles x "
+                             f"{image_embeds.shape[1]} tokens)")
+        # masked_scatter fills positions in row-major order: sample by sample, image by image.
+        embeds = embeds.masked_scatter(is_image[..., None], image_rows.to(embeds.dtype))
+        return embeds, patch_tokens
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, masks=None,
+                seg_tile_index=None) -> VLMOutput:
+        embeds, patch_tokens = self.embed(input_ids, pixel_values)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
+        # Next-token prediction: the hidden state at t predicts the label at t + 1. Only positions
+        # with a label go through lm_head (images and prompts carry none).
+        targets = labels[:, 1:]  # (B, T-1)
+        has_label = targets != IGNORE_INDEX
+        logits = self.lm.lm_head(hidden[:, :-1][has_label])  # (n_labels, V)
+        ce = F.cross_entropy(logits.float(), targets[has_label])
+        out = VLMOutput(loss=ce, ce_loss=ce.detach(), num_label_tokens=int(has_label.sum()))
+        if self.seg_head is not None and masks:
+            rows, cols = self.seg_positions(input_ids)
+            if len(rows) != len(masks):
+                raise ValueError(f"{len(rows)} [SEG] tokens but {len(masks)} masks")
+            predicted = self.seg_head(hidden[rows, cols], patch_tokens[seg_tile_index[rows]],
+                                      [m.shape for m in masks])
+            bce, dice = self.seg_head.loss(predicted, masks)
+            c = self.config.seg
+            out.loss = c.ce_weight * ce + c.bce_weight * bce + c.dice_weight * dice
+            out.mask_bce, out.mask_dice = bce.detach(), dice.detach()
+        return out
+
+    def seg_positions(self, input_ids: torch.Tensor):
+        """(batch, position) of the hidden state that *predicts* each [SEG] token, as LISA does
+        (its seg_token_mask is input_ids[:, 1:] == [SEG]): at generation time that is exactly the
+        state in hand when the model decides to emit [SEG]."""
+        is_seg = input_ids[:, 1:] == self.config.seg_token_id  # (B, T-1)
+        return is_seg.nonzero(as_tuple=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        """Prefill text + image embeddings through `inputs_embeds`, then KV-cache decoding."""
+        embeds, _ = self.embed(input_ids, pixel_values)
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                **generate_kwargs)
+
+    @torch.no_grad()
+    def predict_masks(self, input_ids, attention_mask, pixel_values, seg_tile_index,
+                      image_sizes) -> list[torch.Tensor]:
+        """Mask logits for each [SEG] in `input_ids` (prompt + generated answer), one (H, W) per
+        [SEG] at its image's size. `seg_tile_index[b]` names the tile sample b is segmented on."""
+        if self.seg_head is None:
+            raise ValueError("this model has no segmentation head (seg.enabled is false)")
+        embeds, patch_tokens = self.embed(input_ids, pixel_values)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
+        rows, cols = self.seg_positions(input_ids)
+        if len(rows) == 0:
+            return []
+        tiles = patch_tokens[seg_tile_index[rows]]
+        return self.seg_head(hidden[rows, cols], tiles, [image_sizes[r] for r in rows.tolist()])
+

@@ -1,0 +1,52 @@
+"""Stage 3 — reasoning segmentation (LISA): answer "Sure, it is [SEG]." and decode its mask.
+
+The hidden state that predicts [SEG] prompts a SAM-style mask decoder; loss = CE x 1.0 +
+BCE x 2.0 + Dice x 0.5. Trains LoRA adapters + text_hidden_fcs + the mask decoder (+ the
+embeddings of new tokens) by default, on a hybrid of datasets drawn with `--sample-rates`
+(reason_seg, vqa and caption data keep the model's language while it learns masks). Usage:
+
+    python train_seg.py --init-from runs/sft \
+        --data data/shapes/reasonseg/train,data/shapes/sft.json,data/shapes/pretrain.json \
+        --sample-rates 6,3,1 --val-data data/shapes/reasonseg/val --out-dir runs/seg
+    torchrun --nproc_per_node 2 train_seg.py --ddp --init-from runs/sft --data ... --sample-rates ...
+"""
+import sys
+
+from minivlm.data.mixture import MixtureDataset
+from minivlm.data.readers import read_dataset
+from minivlm.distributed import cleanup
+from minivlm.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.trainer import Trainer
+
+
+def main(argv=None) -> dict:
+    args = parse_args(__doc__, argv, train_defaults=dict(out_dir="runs/seg", lr=1e-3),
+                      lora_defaults=dict(r=8, train_extra="text_hidden_fcs,mask_decoder,"
+                                         "image_to_mask,lm_head,embed_tokens"))
+    env = start(args)
+    model, tokenizer, run_config = prepare_model(args, env, "seg", auto_parts={"seg"},
+                                                 with_seg=True)
+    datasets = load_training_data(args.train_config.data, args, model, tokenizer, env)
+    rates = [float(r) for r in args.sample_rates.split(",")] if args.sample_rates \
+        else [1.0] * len(datasets)
+    c = args.train_config
+    train_set = MixtureDataset(datasets, rates, length=max(sum(map(len, datasets)),
+                                                           c.max_steps * c.batch_size),
+                               seed=c.seed)
+    evaluate = None
+    if c.val_data:
+        from minivlm.evaluation import seg_metrics
+        val_samples = read_dataset(c.val_data)[: args.val_limit]
+
+        def evaluate(m):
+            return seg_metrics(m, tokenizer, val_samples)
+    results = Trainer(model, tokenizer, train_set, c, env, run_config, evaluate).fit()
+    cleanup(env)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # bad data, config or checkpoint: one line, no traceback
+        sys.exit(f"error: {error}")

@@ -1,0 +1,43 @@
+"""Stage 2 — visual instruction tuning: single- and multi-image conversations.
+
+Full fine-tuning of the projector and the language model by default; `--lora-r 8` trains LoRA
+adapters instead (plus the projector). With `--val-data` (Chiron-format eval JSON) it measures
+closed-question accuracy every `--eval-every` steps. Usage:
+
+    python train_sft.py --init-from runs/pretrain --data data/shapes/sft.json \
+        --val-data data/shapes/val.json --out-dir runs/sft
+    torchrun --nproc_per_node 2 train_sft.py --ddp --init-from runs/pretrain \
+        --data data/shapes/sft.json --out-dir runs/sft [--zero1]
+"""
+import sys
+
+from minivlm.data.readers import read_dataset
+from minivlm.distributed import cleanup
+from minivlm.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.trainer import Trainer
+
+
+def main(argv=None) -> dict:
+    args = parse_args(__doc__, argv, train_defaults=dict(out_dir="runs/sft", lr=1e-3))
+    env = start(args)
+    model, tokenizer, run_config = prepare_model(args, env, "sft",
+                                                 auto_parts={"projector", "lm"})
+    (train_set,) = load_training_data(args.train_config.data, args, model, tokenizer, env)
+    evaluate = None
+    if args.train_config.val_data:
+        from minivlm.evaluation import vqa_metrics
+        val_samples = read_dataset(args.train_config.val_data)[: args.val_limit]
+
+        def evaluate(m):
+            return vqa_metrics(m, tokenizer, val_samples)
+    results = Trainer(model, tokenizer, train_set, args.train_config, env, run_config,
+                      evaluate).fit()
+    cleanup(env)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # bad data, config or checkpoint: one line, no traceback
+        sys.exit(f"error: {error}")
