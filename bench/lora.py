@@ -143,10 +143,11 @@ def main() -> None:
     full = runs["full fine-tuning"]
     mb = 2 ** 20
     print(f"{full['count'] / 1e6:.1f}M parameters, batch {config.batch} x {config.seq_len}, "
-          f"LoRA r={config.rank} alpha={config.alpha}, {device}, {torch.get_num_threads()} threads, "
-          f"median of {config.rounds} alternated rounds")
-    header = (f"{'':18s} {'trainable':>10s} {'params MB':>9s} {'grads MB':>8s} {'AdamW MB':>8s} "
-              f"{'saved act MB':>12s} {'total MB':>8s} {'x full':>6s} {'step ms':>8s} {'x full':>6s}")
+          f"LoRA r={config.rank} alpha={config.alpha}, {device}, "
+          f"{torch.get_num_threads()} threads, median of {config.rounds} alternated rounds")
+    header = (f"{'':18s} {'trainable':>10s} {'params MB':>9s} {'grads MB':>8s} "
+              f"{'AdamW MB':>8s} {'saved act MB':>12s} {'total MB':>8s} {'x full':>6s} "
+              f"{'step ms':>8s} {'x full':>6s}")
     if device.type == "cuda":
         header += f" {'CUDA peak-over-resident MB':>26s}"
     print(header)

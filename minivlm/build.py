@@ -41,7 +41,7 @@ def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False)
     model = VLM(config)
     lora = run_config.get("lora")
     if lora:
-        apply_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+        apply_lora(model.lm, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                    targets=lora["targets"])
     load_weights(model, ckpt / "model.safetensors")
     if lora and merge_lora:

@@ -109,22 +109,26 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, sharded: bool) -> dict:
+def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, zero1: bool) -> tuple[dict, bool]:
+    """(state dict, is_this_ranks_shard). A ZeRO-1 run on the same world size takes its own shard;
+    anything else needs a full state dict (a plain optimizer's, or consolidated shards)."""
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    if sharded and state["sharded_optimizer"] and state["world_size"] != env.world_size:
+    if state["sharded_optimizer"] and zero1 and state["world_size"] == env.world_size:
+        path = ckpt_dir / f"optimizer_rank{env.rank}.pt"
+        if not path.is_file():
+            raise ValueError(f"{ckpt_dir}: optimizer shard {path.name} is missing; the checkpoint "
+                             "is incomplete, resume from an earlier step directory")
+        return torch.load(path, map_location="cpu", weights_only=True), True
+    path = ckpt_dir / "optimizer_full.pt"
+    if not path.is_file() and not state["sharded_optimizer"]:
+        path = ckpt_dir / "optimizer_rank0.pt"
+    if not path.is_file():
         raise ValueError(
             f"{ckpt_dir}: optimizer sharded over {state['world_size']} ranks, this run has "
-            f"{env.world_size}; run `python -m minivlm.consolidate {ckpt_dir}` first to write a "
-            "full optimizer state that any world size can resume from")
-    rank = env.rank if sharded and state["sharded_optimizer"] else 0
-    path = ckpt_dir / f"optimizer_rank{rank}.pt"
-    if not path.is_file():
-        full = ckpt_dir / "optimizer_full.pt"
-        if full.is_file():
-            return torch.load(full, map_location="cpu", weights_only=True)
-        raise ValueError(f"{ckpt_dir}: optimizer shard {path.name} is missing; the checkpoint is "
-                         "incomplete, resume from an earlier step directory")
-    return torch.load(path, map_location="cpu", weights_only=True)
+            f"{env.world_size}{' with --zero1' if zero1 else ' without --zero1'}; run "
+            f"`python -m minivlm.consolidate {ckpt_dir}` first to write a full optimizer state "
+            "that any world size can resume from")
+    return torch.load(path, map_location="cpu", weights_only=True), False
 
 
 def rng_state() -> dict:

@@ -54,7 +54,7 @@ def init_distributed(ddp: bool, device_hint: str | torch.device | None = None) -
         return DistributedEnv(rank=0, local_rank=0, world_size=1, device=device)
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise ValueError(  # a launch mistake, reported as one line by the scripts
             f"--ddp needs torchrun's environment ({', '.join(missing)} not set): "
             "launch with `torchrun --nproc_per_node N script.py --ddp`"
         )

@@ -44,16 +44,11 @@ def open_gguf(path: str | Path):
     if not path.is_file():
         raise ValueError(f"{path}: no such GGUF file")
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as error:  # the reader raises bare ValueError/IndexError on bad bytes
-        raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})")
-    # The reader maps tensors lazily, so a cut-off file only shows as a tensor ending past EOF.
-    file_size = path.stat().st_size
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > file_size:
-            raise ValueError(f"{path}: truncated GGUF file: tensor {tensor.name!r} ends at byte "
-                             f"{tensor.data_offset + tensor.n_bytes}, the file has {file_size}")
-    return reader
+        # A file cut short fails here too: its last tensor's bytes don't fill the tensor's shape.
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                         f"({type(error).__name__}: {error})") from None
 
 
 def read_metadata(reader) -> dict[str, Any]:
@@ -164,8 +159,8 @@ def our_name(gguf_name: str, source: str) -> str:
                      f"token_embd, output_norm, output, blk.N.{{{', '.join(LAYER_NAMES)}}}")
 
 
-def model_from_reader(reader, dtype: torch.dtype, source: str) -> Transformer:
-    metadata = read_metadata(reader)
+def model_from_reader(reader, metadata: dict[str, Any], dtype: torch.dtype,
+                      source: str) -> Transformer:
     shapes = {tensor.name: torch_shape(tensor) for tensor in reader.tensors}
     config = config_from_gguf(metadata, shapes, source)
     permuted = metadata["general.architecture"] in PERMUTED_QK_ARCHITECTURES
@@ -183,7 +178,8 @@ def model_from_reader(reader, dtype: torch.dtype, source: str) -> Transformer:
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """Our Transformer from a llama / qwen2 GGUF file, every tensor dequantised to `dtype`."""
-    return model_from_reader(open_gguf(path), dtype, str(path))
+    reader = open_gguf(path)
+    return model_from_reader(reader, read_metadata(reader), dtype, str(path))
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -191,5 +187,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     from minivlm.gguf_tokenizer import tokenizer_from_metadata
 
     reader = open_gguf(path)
-    tokenizer = tokenizer_from_metadata(read_metadata(reader), str(path))
-    return model_from_reader(reader, dtype, str(path)), tokenizer
+    metadata = read_metadata(reader)
+    tokenizer = tokenizer_from_metadata(metadata, str(path))
+    return model_from_reader(reader, metadata, dtype, str(path)), tokenizer

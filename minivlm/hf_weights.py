@@ -65,7 +65,8 @@ def config_from_hf(hf: dict, source: str) -> TransformerConfig:
 
     dim, num_heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, dim // num_heads):
-        reject("head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {dim // num_heads}")
+        reject("head_dim", hf["head_dim"],
+               f"hidden_size / num_attention_heads = {dim // num_heads}")
     return TransformerConfig(
         vocab_size=hf["vocab_size"], dim=dim, num_layers=hf["num_hidden_layers"],
         num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685), applied to a built model by swapping its nn.Linear layers.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685), applied to a built model by swapping its Linears.
 
 A frozen weight W gets a trainable low-rank update: y = W x + (alpha / r) * B A dropout(x), with
 A (r, in) Kaiming-uniform and B (out, r) zero, so training starts from the unchanged model.
@@ -31,7 +31,7 @@ PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus B(A(dropout(x))) * alpha / r; the same arithmetic as PEFT's Linear."""
+    """A frozen nn.Linear plus B(A(dropout(x))) * alpha / r, as PEFT's lora.Linear computes it."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -61,7 +61,9 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:  # the update is already inside base_layer.weight
             return result
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # PEFT scales B's output; scaling the r-wide A output is the same up to rounding and
+        # multiplies r columns instead of out_features.
+        return result + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
@@ -185,7 +187,8 @@ def _check_not_tied(model: nn.Module) -> None:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """W <- W + B A * scaling in every LoRALinear; forward then skips the adapter branch."""
+    """W <- W + B A * scaling in every LoRALinear; forward then skips the adapter branch (so the
+    adapters get no gradient until `unmerge_lora`)."""
     _check_not_tied(model)
     for m in lora_modules(model).values():
         if not m.merged:
@@ -268,7 +271,8 @@ def _from_hf(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None,
+def save_peft_adapter(model: nn.Module, path: str | Path,
+                      base_model_name_or_path: str | None = None,
                       prefix: str | None = None) -> None:
     """Writes the LM's adapters (and its other trainable modules, as PEFT's modules_to_save) so
     that `PeftModel.from_pretrained(llama, path)` loads them onto the model `to_hf` exports.
@@ -307,14 +311,15 @@ def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_pat
                                  f"PEFT cannot store a trained base weight next to its adapter")
             owners.append(name.rpartition(".")[0])
     owners = list(dict.fromkeys(owners))
-    lm_modules = [n for n, _ in lm.named_modules()]
+    hf_modules = [_to_hf(n) for n, _ in lm.named_modules() if n]
     modules_to_save = []
     for owner in owners:
         for key, value in lm.get_submodule(owner).state_dict().items():
             tensors[f"{PEFT_PREFIX}{_to_hf(owner)}.{key}"] = value.detach().clone().contiguous()
-        # PEFT matches modules_to_save by string suffix: the last name when it is unambiguous.
+        # PEFT picks modules_to_save by `name.endswith(entry)`: the last name when that is unique
+        # ("norm" would also pick every "input_layernorm"), else the full name.
         last = owner.split(".")[-1]
-        unique = sum(n.split(".")[-1] == last for n in lm_modules) == 1
+        unique = sum(n.endswith(last) for n in hf_modules) == 1
         modules_to_save.append(last if unique else _to_hf(owner))
 
     # target_modules: the leaf names when they pick exactly these Linears, else an exact regex.
@@ -389,8 +394,8 @@ def load_peft_adapter(model: nn.Module, path: str | Path, prefix: str | None = N
             expected = (r, base.in_features) if part == "lora_A" else (base.out_features, r)
             adapters.setdefault(module_name, {})[part] = value
         if tuple(value.shape) != expected:
-            raise ValueError(f"{weights_file}: tensor {key} has shape {tuple(value.shape)}, but the "
-                             f"model expects {expected}")
+            raise ValueError(f"{weights_file}: tensor {key} has shape {tuple(value.shape)}, "
+                             f"but the model expects {expected}")
     tied: dict[int, str] = {}  # a tied lm_head/embed_tokens is one tensor: it holds one value
     for key, value in extras.items():
         first = tied.setdefault(own_state[key].data_ptr(), key)
@@ -410,6 +415,9 @@ def load_peft_adapter(model: nn.Module, path: str | Path, prefix: str | None = N
             module = model.get_submodule(name)
             for part, value in parts.items():
                 getattr(module, part).weight.copy_(value)
+            # An adapter applied before this call takes this file's alpha and dropout.
+            module.alpha, module.scaling = alpha, alpha / r
+            module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for key, value in extras.items():
             own_state[key].copy_(value)
             if key in named:

@@ -115,7 +115,9 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
     run_config = {"stage": stage, "model": model.config.to_dict(), "lora": None}
     if lora.r > 0:
         trained_fully = [n for n, p in model.named_parameters() if p.requires_grad]
-        apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+        # Adapters go on the language model only, as LISA does (the mask decoder's attention
+        # also has q_proj/k_proj/v_proj, but it trains fully when it trains at all).
+        apply_lora(model.lm, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    targets=tuple(filter(None, lora.targets.split(","))))
         extras = tuple(filter(None, lora.train_extra.split(",")))
         mark_trainable(model, extras)

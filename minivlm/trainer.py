@@ -7,6 +7,7 @@ Data order is a pure function of (seed, epoch), so `--resume` continues bit-exac
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from minivlm.activation_checkpointing import enable_activation_checkpointing
 from minivlm.checkpoint import (config_differences, load_optimizer_state, load_weights,
                                 read_config, resolve_checkpoint, restore_rng, save_checkpoint)
 from minivlm.data.batch import collate
@@ -125,6 +127,8 @@ class Trainer:
         # (MiniMind-V's SFT script enables it for bf16 as well; it is harmless there, not needed).
         self.scaler = torch.amp.GradScaler(env.device.type,
                                            enabled=self.dtype == torch.float16)
+        if config.grad_checkpoint:
+            enable_activation_checkpointing(self.model)
         self.train_model = self.model
         if config.compile:
             self.train_model = torch.compile(self.train_model)
@@ -147,7 +151,11 @@ class Trainer:
             raise ValueError(f"{ckpt}: cannot resume, the model config differs: "
                              + "; ".join(differences[:5]))
         load_weights(self.model, ckpt / "model.safetensors")
-        self.optimizer.load_state_dict(load_optimizer_state(ckpt, self.env, self.config.zero1))
+        optimizer_state, is_shard = load_optimizer_state(ckpt, self.env, self.config.zero1)
+        if self.config.zero1 and not is_shard:
+            self.optimizer.load_full_state_dict(optimizer_state)  # re-shard for this world size
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -159,7 +167,7 @@ class Trainer:
         pad_id = self.tokenizer.pad_id
         batches = self.plan.from_micro_step(self.step * self.config.grad_accum)
         return iter(DataLoader(self.train_set, batch_sampler=batches,
-                               collate_fn=lambda items: collate(items, pad_id),
+                               collate_fn=functools.partial(collate, pad_id=pad_id),
                                num_workers=self.config.num_workers))
 
     def _to_device(self, batch: dict) -> dict:

@@ -166,15 +166,7 @@ class ZeRO1(Optimizer):
             dist.gather_object(shard, shards, dst=dist.get_global_rank(self.process_group, to), group=self.process_group)
             if self.rank != to:
                 return None
-        full = {"state": {}, "param_groups": [{**g, "params": []} for g in shard["param_groups"]]}
-        for rank_shard in shards:
-            full["state"].update(rank_shard["state"])
-            for full_group, group in zip(full["param_groups"], rank_shard["param_groups"]):
-                full_group["params"] += group["params"]
-        for group in full["param_groups"]:
-            group["params"].sort()
-        full["state"] = dict(sorted(full["state"].items()))
-        return full
+        return merge_shards(shards)
 
     def load_full_state_dict(self, full: dict[str, Any]) -> None:
         """Take this rank's shard out of a full state dict (from any world size, or a plain optimizer)."""
@@ -189,6 +181,20 @@ class ZeRO1(Optimizer):
             "state": {i: full["state"][i] for ids in mine for i in ids if i in full["state"]},
             "param_groups": [{**g, "params": ids} for g, ids in zip(full["param_groups"], mine)],
         })
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Union of every rank's shard state dict: the plain optimizer's full state dict. Works on
+    the per-rank checkpoint files too (`python -m minivlm.consolidate`)."""
+    full = {"state": {}, "param_groups": [{**g, "params": []} for g in shards[0]["param_groups"]]}
+    for rank_shard in shards:
+        full["state"].update(rank_shard["state"])
+        for full_group, group in zip(full["param_groups"], rank_shard["param_groups"]):
+            full_group["params"] += group["params"]
+    for group in full["param_groups"]:
+        group["params"].sort()
+    full["state"] = dict(sorted(full["state"].items()))
+    return full
 
 
 def clip_grad_norm_(

@@ -1,5 +1,4 @@
 """Hand-written LoRA against peft's: same numbers, same gradients, same files in both directions."""
-import copy
 import json
 
 import peft
@@ -50,7 +49,8 @@ def test_logits_and_gradients_equal_peft():
     with torch.no_grad():
         for name, p in theirs_lora.items():
             p.copy_(ours_params[our_name(name)])
-    assert {our_name(n) for n in theirs_lora} == {n for n, p in ours_params.items() if p.requires_grad}
+    trained = {n for n, p in ours_params.items() if p.requires_grad}
+    assert {our_name(n) for n in theirs_lora} == trained
 
     ids = torch.randint(0, 97, (2, 15))
     ours_logits, theirs_logits = ours(ids), theirs(input_ids=ids).logits
@@ -64,7 +64,7 @@ def test_logits_and_gradients_equal_peft():
     for name, p in theirs_lora.items():
         ours_grad = ours_params[our_name(name)].grad
         assert ours_grad.abs().max() > 1e-4, name
-        torch.testing.assert_close(ours_grad, p.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours_grad, p.grad, atol=1e-5, rtol=0)
 
 
 def test_zero_init_adapter_leaves_outputs_exactly_unchanged():
@@ -131,7 +131,8 @@ class TinyVLM(nn.Module):
         self.lm = Transformer(tiny_config(tie_embeddings=tied))
         self.projector = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 64))
         self.seg_head = nn.Module()
-        self.seg_head.text_hidden_fcs = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+        self.seg_head.text_hidden_fcs = nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
+                                                      nn.Linear(64, 16))
         self.seg_head.mask_decoder = nn.Linear(16, 16)
 
 
@@ -149,14 +150,17 @@ def test_only_the_intended_parameters_train():
     expected |= {"seg_head.mask_decoder.weight", "seg_head.mask_decoder.bias"}
     assert names == expected
     # closed form: per layer 2x(4x64 + 64x4) for q,o and 4x64 + 32x4 for k,v (kv dim 32)
-    lora = 2 * (2 * (4 * 64 + 64 * 4) + 2 * (4 * 64 + 32 * 4)) + (4 * 8 + 64 * 4) + (4 * 64 + 64 * 4)
+    lora = 2 * (2 * (4 * 64 + 64 * 4) + 2 * (4 * 64 + 32 * 4))
+    lora += (4 * 8 + 64 * 4) + (4 * 64 + 64 * 4)  # projector.0 (8 -> 64), projector.2 (64 -> 64)
     extras = 2 * 97 * 64 + (64 * 64 + 64) + (64 * 16 + 16) + (16 * 16 + 16)
     assert trainable == lora + extras
-    assert total == sum(p.numel() for p in vlm.parameters()) and count_parameters(vlm) == (trainable, total)
+    assert total == sum(p.numel() for p in vlm.parameters())
+    assert count_parameters(vlm) == (trainable, total)
 
     apply_lora(tied := Transformer(tiny_config(tie_embeddings=True)), targets=("q_proj",))
     mark_trainable(tied, extra=("lm_head",))  # tied: naming lm_head trains the shared embedding
-    assert tied.embed_tokens.weight.requires_grad and tied.lm_head.weight is tied.embed_tokens.weight
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert tied.embed_tokens.weight.requires_grad
 
 
 def test_lora_state_dict_round_trip():
@@ -180,14 +184,16 @@ def test_ours_to_peft_round_trip_with_modules_to_save(tmp_path, tied):
     ours, hf = base_and_hf(tie_embeddings=tied)
     apply_lora(ours, r=4, alpha=8, targets=TARGETS)
     randomize_adapters(ours, seed=4)
-    mark_trainable(ours, extra=("lm_head",))
-    with torch.no_grad():
-        ours.lm_head.weight.mul_(1.5)  # as if trained: PEFT must carry it as modules_to_save
+    mark_trainable(ours, extra=("lm_head", "norm"))  # "norm": the final norm only
+    with torch.no_grad():  # as if trained: PEFT must carry them as modules_to_save
+        ours.lm_head.weight.mul_(1.5)
+        ours.norm.weight.mul_(1.2)
     save_peft_adapter(ours, tmp_path, base_model_name_or_path="tiny")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(TARGETS)
-    # tied: one tensor under two names; PEFT gets both so its untied copies stay equal
-    assert sorted(config["modules_to_save"]) == (["embed_tokens", "lm_head"] if tied else ["lm_head"])
+    # tied: one tensor under two names; PEFT gets both so its untied copies stay equal.
+    # "norm" is spelled in full: PEFT matches by suffix and would also pick every input_layernorm.
+    assert sorted(config["modules_to_save"]) == ["embed_tokens"] * tied + ["lm_head", "model.norm"]
     assert "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight" in \
         load_file(tmp_path / "adapter_model.safetensors")
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
@@ -212,9 +218,13 @@ def test_vlm_lm_adapter_saved_by_prefix(tmp_path):
     assert sorted(json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]) \
         == ["embed_tokens", "lm_head"]
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    torch.manual_seed(0)
+    back = load_peft_adapter(TinyVLM().eval(), tmp_path)  # the same base weights, prefix "lm."
+    assert set(lora_modules(back)) == set(lora_modules(vlm))
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, vlm.lm(ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(back.lm(ids), vlm.lm(ids), atol=0, rtol=0)
 
 
 def test_regex_targets_round_trip_through_peft(tmp_path):
@@ -224,7 +234,8 @@ def test_regex_targets_round_trip_through_peft(tmp_path):
                                         "layers.1.mlp.down_proj"]
     randomize_adapters(ours, seed=6)
     save_peft_adapter(ours, tmp_path)
-    assert isinstance(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"], str)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)  # exact names: "q_proj" would pick layer 0 too
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
     adapted = {n.split(".lora_A")[0] for n, _ in theirs.named_parameters() if "lora_A" in n}
     assert adapted == {f"base_model.model.model.{n}" for n in lora_modules(ours)}

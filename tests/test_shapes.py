@@ -160,7 +160,8 @@ def refer(text: str, scene) -> list:
         pick, runner_up = (ranked[-1], ranked[-2]) if (m[1] or m[2]) == "largest" else (ranked[0], ranked[1])
         assert max(area(pick), area(runner_up)) >= 1.25 * min(area(pick), area(runner_up))
         return [pick]
-    if m := re.fullmatch(r"(?:the shape|Which shape is) (to the left of|to the right of|above|below) the (\w+ \w+)", text):
+    if m := re.fullmatch(r"(?:the shape|Which shape is) (to the left of|to the right of|above|below) the (\w+ \w+)",
+                         text):
         direction = {"to the left of": "left", "to the right of": "right", "above": "top", "below": "bottom"}[m[1]]
         anchor = next(s for s in scene if s.name == m[2])
         leads = [(s, lead(s, anchor, direction)) for s in scene if s is not anchor]
@@ -189,8 +190,8 @@ def check_answer(question: str, answer: str, scenes: list) -> None:
     elif m := re.fullmatch(r"Is there a (\w+ \w+)\?", question):
         assert answer == ("yes" if m[1] in [s.name for s in scene] else "no")
     elif question == "Describe the image.":
-        assert answer == describe_scene(scene, SIZE) and answer.startswith(f"There {'is' if len(scene) == 1 else 'are'} "
-                                                                           f"{len(scene)} shape")
+        verb = "is" if len(scene) == 1 else "are"
+        assert answer == describe_scene(scene, SIZE) and answer.startswith(f"There {verb} {len(scene)} shape")
         assert all(f"a {s.name} " in answer for s in scene)
     elif question == "How many shapes are there in the two images together?":
         assert answer == str(len(scenes[0]) + len(scenes[1]))

@@ -182,5 +182,5 @@ def test_init_distributed(monkeypatch):
     assert (env.rank, env.world_size, env.is_main, env.device) == (0, 1, True, torch.device("cpu"))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node N"):
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):
         init_distributed(ddp=True, device_hint="cpu")

@@ -1,0 +1,48 @@
+"""Merge a ZeRO-1 checkpoint's per-rank optimizer shards into one full optimizer state.
+
+    python -m minivlm.consolidate runs/sft            # the run's latest checkpoint
+    python -m minivlm.consolidate runs/sft/step_000500
+
+Writes optimizer_full.pt beside the shards: a plain AdamW state dict over all parameters, from
+which a run resumes at any world size, with or without --zero1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from minivlm.checkpoint import resolve_checkpoint
+from minivlm.zero import merge_shards
+
+
+def consolidate(path) -> str:
+    ckpt = resolve_checkpoint(path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    files = [ckpt / f"optimizer_rank{r}.pt" for r in range(state["world_size"])]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{ckpt}: shard(s) {', '.join(missing)} missing; this checkpoint is "
+                         "incomplete and cannot be consolidated")
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    out = ckpt / "optimizer_full.pt"
+    tmp = ckpt / ".optimizer_full.pt.tmp"
+    torch.save(merge_shards(shards) if state.get("sharded_optimizer") else shards[0], tmp)
+    tmp.replace(out)
+    return str(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    print("wrote", consolidate(parser.parse_args(argv).checkpoint))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,107 @@
+"""Convert a llama.cpp GGUF file into checkpoint directories, dequantised once.
+
+    python -m minivlm.convert SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2/
+    python -m minivlm.convert SmolLM2-135M-Instruct.Q4_1.gguf --hf-out smollm2-hf/ --dtype bfloat16
+
+--out     minivlm's layout: config.json ({"lm": TransformerConfig}), model.safetensors under our
+          parameter names, tokenizer/ (minivlm's tokenizer files). `load_converted` reads it back.
+--hf-out  Hugging Face's layout: config.json, model.safetensors, generation_config.json,
+          tokenizer.json and tokenizer_config.json with the GGUF's own Jinja chat template.
+          transformers' AutoModelForCausalLM / AutoTokenizer load it, and so does `--lm-hf DIR`.
+Loading a GGUF dequantises every block on each load; a converted directory loads in a fraction
+of the time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from minivlm.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
+from minivlm.gguf_weights import model_from_reader, open_gguf, read_metadata
+from minivlm.hf_weights import save_hf_checkpoint
+from minivlm.transformer import Transformer, TransformerConfig
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def save_minivlm(model: Transformer, tokenizer, out: Path) -> None:
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors.tmp"))  # stores tied lm_head once
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    tokenizer.save(out / "tokenizer")
+    write_json_atomic(out / "config.json", {"lm": model.config.to_dict()})
+
+
+def load_converted(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a directory written by `--out`."""
+    from minivlm.checkpoint import load_weights
+    from minivlm.tokenizer import load_tokenizer
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if "lm" not in config:
+        raise ValueError(f"{path / 'config.json'}: no 'lm' section; expected a directory "
+                         "written by `python -m minivlm.convert --out`")
+    model = Transformer(TransformerConfig(**config["lm"]))
+    load_weights(model, path / "model.safetensors")
+    return model.to(dtype).eval(), load_tokenizer(path / "tokenizer")
+
+
+def save_hf(model: Transformer, metadata: dict, out: Path, source: str) -> None:
+    """Weights through `save_hf_checkpoint`; the tokenizer as the GGUF describes it, without the
+    tokens minivlm adds ("<image>", "[SEG]"), so transformers sees the original model."""
+    save_hf_checkpoint(model, out)
+    backend = build_gguf_tokenizer(metadata, source)
+    backend.save(str(out / "tokenizer.json.tmp"))
+    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    ids = {name: metadata.get(f"tokenizer.ggml.{name}_token_id")
+           for name in ("bos", "eos", "padding", "unknown")}
+    token = {name: tokens[i] if i is not None else None for name, i in ids.items()}
+    write_json_atomic(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token["bos"], "eos_token": token["eos"], "pad_token": token["padding"],
+        "unk_token": token["unknown"], "model_max_length": model.config.max_seq_len,
+        "chat_template": metadata.get("tokenizer.chat_template"),
+    })
+    # So that transformers' generate stops at the model's end token without being told.
+    write_json_atomic(out / "generation_config.json", {
+        "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"],
+    })
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("gguf", type=Path, help="a llama / qwen2 GGUF file")
+    parser.add_argument("--out", type=Path, help="write minivlm's layout here")
+    parser.add_argument("--hf-out", type=Path, help="write Hugging Face's layout here")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if args.out is None and args.hf_out is None:
+        parser.error("pass --out DIR and/or --hf-out DIR")
+    reader = open_gguf(args.gguf)
+    metadata = read_metadata(reader)
+    model = model_from_reader(reader, metadata, getattr(torch, args.dtype), str(args.gguf))
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{args.gguf}: {metadata['general.architecture']}, {params:.0f}M parameters, "
+          f"{model.config.num_layers} layers, vocabulary {model.config.vocab_size}")
+    if args.out is not None:
+        save_minivlm(model, tokenizer_from_metadata(metadata, str(args.gguf)), args.out)
+        print(f"wrote {args.out} (minivlm)")
+    if args.hf_out is not None:
+        save_hf(model, metadata, args.hf_out, str(args.gguf))
+        print(f"wrote {args.hf_out} (Hugging Face)")
+
+
+if __name__ == "__main__":
+    main()
