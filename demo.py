@@ -28,7 +28,7 @@ from minivlm.train_tokenizer import main as train_tokenizer
 
 # Sizes of each stage: the full recipe for a 2-core CPU, and a smoke-test one.
 RECIPES = {
-    "full": dict(vocab=640, pretrain_steps=300, sft_steps=700, seg_steps=300, batch=32,
+    "full": dict(vocab=640, pretrain_steps=300, sft_steps=1000, seg_steps=300, batch=32,
                  eval_items=400, seg_items=200, model=[
                      "--lm-dim", "128", "--lm-num-layers", "4", "--lm-num-heads", "4",
                      "--lm-num-kv-heads", "2", "--lm-hidden-dim", "384",
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         "--data", f"{data}/pretrain.json,{data}/sft.json", "--vocab-size", str(recipe["vocab"]),
         "--out", str(runs / "tokenizer")])
     common = ["--batch-size", str(recipe["batch"]), "--seed", str(args.seed), "--keep", "1",
-              "--log-every", "25"]
+              "--log-every", "50"]
     stage("pretrain", train_pretrain.main, [
         "--data", f"{data}/pretrain.json", "--tokenizer", str(runs / "tokenizer"),
         "--out-dir", str(runs / "pretrain"), "--max-steps", str(recipe["pretrain_steps"]),
@@ -85,32 +85,47 @@ def main(argv=None) -> dict:
         "--data", f"{data}/reasonseg/train,{data}/sft.json",
         "--sample-rates", "3,1", "--out-dir", str(runs / "seg"),
         "--max-steps", str(recipe["seg_steps"]), *common])
-    vqa = stage("eval", evaluate_script.main, [
+    vqa = stage("eval_vqa", evaluate_script.main, [
         "--vqa-json-path", f"{data}/eval.json", "--model-path", str(runs / "seg"),
         "--output-path", str(out / "eval_vqa.json"), "--limit", str(recipe["eval_items"]),
-        "--seg-dir", f"{data}/reasonseg/test", "--seg-output-path", str(out / "eval_seg.json"),
-        "--save-examples", "8", "--examples-dir", str(out / "examples")])
-    results = dict(device=device, seconds=times, metrics=vqa,
-                   chance=json.loads((data / "meta.json").read_text())["question_types"])
+        "--max-new-tokens", "48", "--batch-size", "50"])
+    seg = stage("eval_seg", evaluate_script.main, [
+        "--seg-dir", f"{data}/reasonseg/test", "--model-path", str(runs / "seg"),
+        "--output-path", str(out / "eval_seg.json"), "--limit", str(recipe["seg_items"]),
+        "--save-examples", "8", "--examples-dir", str(out / "examples"), "--batch-size", "50"])
+    meta = json.loads((data / "meta.json").read_text())
+    results = dict(device=device, seconds=times, vqa=vqa, seg=seg,
+                   chance=meta["question_types"]["eval"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results, out)
     return results
 
 
+def closed_chance(chance: dict) -> float:
+    """Expected accuracy of uniform guessing over the closed eval items."""
+    closed = [c for c in chance.values() if c["answer_type"] == "CLOSED"]
+    return sum(c["chance"] * c["count"] for c in closed) / max(1, sum(c["count"] for c in closed))
+
+
 def print_table(results: dict, out: Path) -> None:
-    m = results["metrics"]
-    lines = ["", f"minivlm demo results ({results['device']})", "-" * 48]
-    lines.append(f"{'closed accuracy (held-out)':32s}{m.get('CLOSED Questions Acc', 0):8.3f}"
-                 f"   chance {m.get('closed_chance', float('nan')):.3f}")
-    lines.append(f"{'open BERTScore F1':32s}{m.get('OPEN   Questions BERTScore-F1', 0):8.3f}")
-    lines.append(f"{'reasoning-seg gIoU':32s}{m.get('giou', 0):8.3f}")
-    lines.append(f"{'reasoning-seg cIoU':32s}{m.get('ciou', 0):8.3f}")
-    for name, value in m.get("per_question_type", {}).items():
-        lines.append(f"  {name:30s}{value['acc']:8.3f}   chance {value.get('chance', 0):.3f}")
-    lines.append("-" * 48)
+    vqa, seg, chance = results["vqa"], results["seg"], results["chance"]
+    number = lambda v: float("nan") if v is None else v  # noqa: E731
+    lines = ["", f"minivlm demo results (device: {results['device']})", "-" * 60,
+             f"{'held-out closed accuracy':34s}{number(vqa['closed_accuracy']):7.3f}"
+             f"   chance {closed_chance(chance):.3f}",
+             f"{'held-out open BERTScore F1':34s}{number(vqa['open_bertscore_f1']):7.3f}",
+             f"{'reasoning-seg gIoU':34s}{number(seg['giou']):7.3f}",
+             f"{'reasoning-seg cIoU':34s}{number(seg['ciou']):7.3f}",
+             f"{'[SEG] emitted unprompted':34s}{number(seg.get('seg_token_rate')):7.3f}",
+             "per question type                  acc   chance  majority"]
+    for name, value in vqa.get("per_question_type", {}).items():
+        c = chance.get(name, {})
+        lines.append(f"  {name:32s}{number(value['accuracy']):7.3f}  {number(c.get('chance')):7.3f}"
+                     f"  {number(c.get('majority')):7.3f}")
+    lines.append("-" * 60)
     for name, seconds in results["seconds"].items():
-        lines.append(f"{name + ' (s)':32s}{seconds:8.0f}")
-    lines.append(f"{'total (s)':32s}{sum(results['seconds'].values()):8.0f}")
+        lines.append(f"{name + ' (s)':34s}{seconds:7.0f}")
+    lines.append(f"{'total (s)':34s}{sum(results['seconds'].values()):7.0f}")
     text = "\n".join(lines)
     print(text)
     (out / "results.txt").write_text(text + "\n")

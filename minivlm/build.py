@@ -35,10 +35,13 @@ def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False)
     ckpt = resolve_checkpoint(path)
     run_config = read_config(ckpt)
     config = VLMConfig.from_dict(run_config["model"])
-    # The checkpoint holds the tower's weights: never fetch pretrained ones again.
+    # The checkpoint holds every weight: never fetch pretrained ones again. The config keeps
+    # naming where the tower's weights first came from ("" = trained here from random).
+    origin = config.vision.pretrained
     config.vision = dataclasses.replace(config.vision, pretrained="")
     config.seg = dataclasses.replace(config.seg, sam_checkpoint="")
     model = VLM(config)
+    model.config.vision.pretrained = origin
     lora = run_config.get("lora")
     if lora:
         apply_lora(model.lm, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],

@@ -79,7 +79,10 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
     pretrained_parts = set()
     if train.init_from:
         model, tokenizer, _ = load_vlm(train.init_from, merge_lora=True)
-        pretrained_parts = {"vision", "projector", "lm"}
+        # A tower that started from random weights keeps learning in every stage; a pretrained
+        # CLIP tower stays frozen unless --train names it (LLaVA's recipe).
+        pretrained_parts = {"projector", "lm"} | ({"vision"} if model.config.vision.pretrained
+                                                  else set())
         if seg_config.enabled and model.seg_head is None:  # e.g. seg stage after SFT
             model.config.seg = seg_config
             model.seg_head = SegHead(seg_config, model.config.lm.dim, model.config.vision.width,

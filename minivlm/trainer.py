@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,8 +194,11 @@ class Trainer:
             writer = SummaryWriter(str(self.out_dir / "tensorboard"))
         batches = self._loader()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        progress = tqdm(total=c.max_steps, initial=self.step, disable=not env.is_main,
+        # A progress bar on a terminal; in a log file, one line per --log-every steps instead.
+        self.show_bar = env.is_main and sys.stderr.isatty()
+        progress = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_bar,
                         desc=self.out_dir.name, dynamic_ncols=True)
+        self.started, self.start_step = time.time(), self.step
         window = dict(loss=0.0, bce=0.0, dice=0.0, tokens=0, images=0, n=0, t0=time.time())
         results: dict = {}
         self.model.train()
@@ -255,6 +259,15 @@ class Trainer:
                 writer.add_scalar(name, value, self.step)
             progress.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.1e}",
                                  tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+            if not self.show_bar:
+                elapsed = time.time() - self.started
+                eta = elapsed / max(1, self.step - self.start_step) * (self.config.max_steps - self.step)
+                mask = (f" bce {scalars['train/mask_bce']:.3f} dice {scalars['train/mask_dice']:.3f}"
+                        if "train/mask_bce" in scalars else "")
+                print(f"{self.out_dir.name} step {self.step}/{self.config.max_steps} "
+                      f"loss {scalars['train/loss']:.3f}{mask} lr {lr:.1e} "
+                      f"{scalars['train/tokens_per_s']:.0f} tok/s "
+                      f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
         return scalars
 
     def _evaluate(self, writer) -> dict:
