@@ -28,7 +28,7 @@ from minivlm.train_tokenizer import main as train_tokenizer
 
 # Sizes of each stage: the full recipe for a 2-core CPU, and a smoke-test one.
 RECIPES = {
-    "full": dict(vocab=640, pretrain_steps=300, sft_steps=1000, seg_steps=300, batch=32,
+    "full": dict(vocab=640, pretrain_steps=300, sft_steps=1400, seg_steps=300, batch=32,
                  eval_items=400, seg_items=200, model=[
                      "--lm-dim", "128", "--lm-num-layers", "4", "--lm-num-heads", "4",
                      "--lm-num-kv-heads", "2", "--lm-hidden-dim", "384",

@@ -11,7 +11,6 @@ LoRAConfig (--lora-*). A stage starts from one of:
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +99,7 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
         elif source.tokenizer:
             tokenizer = load_tokenizer(source.tokenizer)
         else:
-            sys.exit("error: pass --init-from CKPT, --lm-gguf FILE, --lm-hf DIR or --tokenizer DIR")
+            raise ValueError("pass --init-from CKPT, --lm-gguf FILE, --lm-hf DIR or --tokenizer DIR")
         vision = config_from_args(args, VisionConfig, "vision")
         if vision.pretrained:
             pretrained_parts.add("vision")
