@@ -57,6 +57,8 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     add_config_args(parser, TransformerConfig, "lm")
     add_config_args(parser, SegConfig, "seg", defaults=seg_defaults)
     add_config_args(parser, LoRAConfig, "lora", defaults=lora_defaults)
+    parser.add_argument("--train-extra", dest="lora_train_extra", default=argparse.SUPPRESS,
+                        help="alias of --lora-train-extra")
     parser.add_argument("--sample-rates", default="",
                         help="comma-separated weights, one per --data file: each step draws "
                              "examples from the files in these proportions (LISA)")

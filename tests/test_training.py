@@ -103,9 +103,12 @@ def test_sft_chains_from_pretrain_and_lora_trains_fewer_parameters(shapes_dir, t
     pretrain(shapes_dir, tiny_tokenizer_dir, tmp_path / "pre", 2)
     train_sft.main(["--init-from", str(tmp_path / "pre"), "--data", str(shapes_dir / "sft.json"),
                     "--out-dir", str(tmp_path / "sft"), "--max-steps", "2", "--lora-r", "4",
-                    "--batch-size", "4"])
+                    "--batch-size", "4", "--train-extra", "projector",
+                    "--val-data", str(shapes_dir / "val.json"), "--val-limit", "4",
+                    "--eval-every", "1"])
     printed = capsys.readouterr().out
     assert "LoRA r=4" in printed
+    assert "step 1: val/" in printed and "step 2: val/" in printed  # validation every step
     model, _, run_config = load_vlm(tmp_path / "sft")
     assert run_config["lora"]["r"] == 4
     assert any("lora_A" in name for name in model.state_dict())
