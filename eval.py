@@ -41,7 +41,7 @@ from minivlm.build import load_vlm
 from minivlm.checkpoint import resolve_checkpoint, write_text_atomic
 from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
-from minivlm.data.readers import REASONSEG_ANSWER, read_chiron_eval, read_reasonseg_dir
+from minivlm.data.readers import read_chiron_eval, read_reasonseg_dir
 from minivlm.evaluation import (BertScoreConfig, add_bertscore, iter_seg_batches,
                                 iter_vqa_batches, question_text, summarize_seg, summarize_vqa)
 from minivlm.judge import REFERENCE_URL, Judge, JudgeConfig
@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-examples", type=int, default=0, metavar="N",
                         help="segmentation: save mask PNGs and red overlays of the first N items")
     parser.add_argument("--examples-dir", help="default: <output-path without .json>_examples")
+    parser.add_argument("--seg-answer", choices=("generated", "teacher_forced"), default="generated",
+                        help="segmentation: masks from the model's own answer (default, as in chat) "
+                             "or from LISA's fed-in \"Sure, it is [SEG].\" (LISA's validation)")
     parser.add_argument("--api-key", help="judge API key (Chiron compatibility; prefer the environment "
                                           "variable named by --judge-api-key-env: a flag shows in `ps`)")
     add_config_args(parser, JudgeConfig, prefix="judge")
@@ -169,7 +172,8 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"mode": "seg" if seg_mode else "vqa", "data": str(Path(args.seg_dir or args.vqa_json_path).resolve()),
                 "model_path": str(resolve_checkpoint(args.model_path).resolve()),
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-                "matcher": f"judge:{judge.model}" if judge else "normalized_exact_match"}
+                "matcher": f"judge:{judge.model}" if judge else "normalized_exact_match",
+                **({"seg_answer": args.seg_answer} if seg_mode else {})}
     records = read_previous(output, samples, settings) if args.resume else {}
     todo = [i for i in range(len(samples)) if i not in records]
     model, tokenizer = load_model(args.model_path, device)
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     with autocast:
         if seg_mode:
             batches = iter_seg_batches(model, tokenizer, samples, todo, args.batch_size,
-                                       generate_answers=True, max_new_tokens=args.max_new_tokens)
+                                       args.seg_answer, max_new_tokens=args.max_new_tokens)
         else:
             batches = ((batch, None) for batch in iter_vqa_batches(
                 model, tokenizer, samples, todo, args.batch_size, args.max_new_tokens, judge))
@@ -201,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
         add_bertscore(list(records.values()), bertscore, device=device)
     summary = {**summarize(list(records.values())), "complete": True, "settings": settings}
     if seg_mode:
-        summary["teacher_forced_answer"] = REASONSEG_ANSWER
+        summary["answer_mode"] = args.seg_answer
     else:
         summary["bertscore_model"] = bertscore.model if bertscore.enabled else None
     write_results(output, records, summary)

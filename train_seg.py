@@ -26,7 +26,8 @@ def main(argv=None) -> dict:
     env = start(args)
     model, tokenizer, run_config = prepare_model(args, env, "seg", auto_parts={"seg"},
                                                  with_seg=True)
-    datasets = load_training_data(args.train_config.data, args, model, tokenizer, env)
+    datasets = load_training_data(args.train_config.data, args, model, tokenizer, env,
+                                  expand_texts=True)
     rates = [float(r) for r in args.sample_rates.split(",")] if args.sample_rates \
         else [1.0] * len(datasets)
     c = args.train_config

@@ -10,6 +10,8 @@ Both the training scripts (validation every N steps, `vqa_metrics` / `seg_metric
 """
 from __future__ import annotations
 
+import torch
+
 from dataclasses import dataclass
 
 from minivlm.data.images import image_size
@@ -236,22 +238,33 @@ def seg_record(index: int, sample: Sample, predicted: list, generated: str | Non
     return record
 
 
+def _fit_masks(predicted: list, sample: Sample) -> list:
+    """One prediction per target: a [SEG] the model did not say predicts an empty mask."""
+    empty = [torch.zeros(m.shape, dtype=torch.uint8) for m in sample.masks[len(predicted):]]
+    return (list(predicted) + empty)[: len(sample.masks)]
+
+
 def iter_seg_batches(model, tokenizer, samples: list[Sample], indices: list[int] | None = None,
-                     batch_size: int = 16, generate_answers: bool = False, max_new_tokens: int = 32):
-    """(records, predicted masks) per batch. Masks come from the teacher-forced answer; with
-    `generate_answers` the model's own answer is also generated, to see whether it says [SEG]."""
+                     batch_size: int = 16, answer_mode: str = "generated", max_new_tokens: int = 32):
+    """(records, predicted masks) per batch. The model always answers on its own first (its
+    [SEG] rate is reported). Masks come from that generated answer by default, as in chat; with
+    answer_mode="teacher_forced" from LISA's fed-in "Sure, it is [SEG]." (LISA's validation;
+    it would hand the model the object's name where the data's answers carry it)."""
+    if answer_mode not in ("generated", "teacher_forced"):
+        raise ValueError(f"answer_mode={answer_mode!r}: expected 'generated' or 'teacher_forced'")
     model = _unwrap(model)
     processor = ImageProcessor.for_tower(model.vision)
     indices = list(range(len(samples))) if indices is None else indices
     for chunk in _batches(indices, batch_size):
         chunk_samples = [samples[i] for i in chunk]
-        masks = predict_masks(model, tokenizer, processor, chunk_samples,
-                              [teacher_forced_answer(s) for s in chunk_samples], batch_size=len(chunk))
-        generated = [None] * len(chunk)
-        if generate_answers:
-            budget = generation_budget(model, tokenizer, processor, chunk_samples, max_new_tokens)
-            generated = answer_samples(model, tokenizer, processor, chunk_samples,
-                                       batch_size=len(chunk), max_new_tokens=budget)
+        budget = generation_budget(model, tokenizer, processor, chunk_samples, max_new_tokens)
+        generated = answer_samples(model, tokenizer, processor, chunk_samples,
+                                   batch_size=len(chunk), max_new_tokens=budget)
+        answers = generated if answer_mode == "generated" else \
+            [teacher_forced_answer(s) for s in chunk_samples]
+        masks = predict_masks(model, tokenizer, processor, chunk_samples, answers,
+                              batch_size=len(chunk))
+        masks = [_fit_masks(m, s) for m, s in zip(masks, chunk_samples)]
         records = [seg_record(i, s, m, g) for i, s, m, g in zip(chunk, chunk_samples, masks, generated)]
         yield records, masks
 
@@ -268,9 +281,9 @@ def summarize_seg(records: list[dict]) -> dict:
 
 
 def seg_metrics(model, tokenizer, samples: list[Sample], batch_size: int = 16,
-                generate_answers: bool = False, max_new_tokens: int = 16) -> dict[str, float]:
-    """{"giou", "ciou"} (LISA's definitions) over the samples that have masks, for validation
-    during training; with `generate_answers` also "seg_token_rate"."""
+                answer_mode: str = "generated", max_new_tokens: int = 16) -> dict[str, float]:
+    """{"giou", "ciou"} (LISA's definitions) and "seg_token_rate" over the samples that have
+    masks, for validation during training (see iter_seg_batches for `answer_mode`)."""
     samples = [s for s in samples if s.masks]
     if not samples:
         raise ValueError("seg_metrics: none of the samples has a mask to compare with")
@@ -278,7 +291,7 @@ def seg_metrics(model, tokenizer, samples: list[Sample], batch_size: int = 16,
     model.eval()
     try:
         records = [r for batch, _ in iter_seg_batches(model, tokenizer, samples, None, batch_size,
-                                                      generate_answers, max_new_tokens) for r in batch]
+                                                      answer_mode, max_new_tokens) for r in batch]
     finally:
         model.train(was_training)
     summary = summarize_seg(records)

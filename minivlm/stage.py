@@ -18,7 +18,7 @@ import torch
 from minivlm.build import build_vlm, load_vlm, set_trainable
 from minivlm.cli import add_config_args, config_from_args
 from minivlm.data.batch import ChatDataset
-from minivlm.data.readers import read_dataset
+from minivlm.data.readers import expand_referring_texts, read_dataset
 from minivlm.distributed import DistributedEnv, init_distributed
 from minivlm.lora import apply_lora, count_parameters, mark_trainable
 from minivlm.projector import ProjectorConfig
@@ -139,14 +139,18 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
     return model, tokenizer, run_config
 
 
-def load_training_data(paths: str, args, model: VLM, tokenizer, env: DistributedEnv):
-    """One ChatDataset per comma-separated path; errors stop here, before the first step."""
+def load_training_data(paths: str, args, model: VLM, tokenizer, env: DistributedEnv,
+                       expand_texts: bool = False):
+    """One ChatDataset per comma-separated path; errors stop here, before the first step.
+    `expand_texts`: a ReasonSeg sample becomes one example per referring text."""
     train = args.train_config
     processor = ImageProcessor.for_tower(model.vision)
     datasets = []
     for path in filter(None, paths.split(",")):
         errors: list[str] | None = [] if train.skip_bad else None
         samples = read_dataset(path, train.image_dir or None, errors=errors)
+        if expand_texts:
+            samples = expand_referring_texts(samples)
         dataset = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile,
                               model.config.lm.max_seq_len, train.preload_images, train.skip_bad)
         skipped = (errors or []) + dataset.errors

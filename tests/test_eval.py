@@ -242,6 +242,8 @@ def test_seg_mode(tiny_checkpoint, shapes_dir, tmp_path, monkeypatch):
     predicted = [np.asarray(Image.open(examples / f"{i:05d}_{s.meta['id']}_mask.png")) // 255
                  for i, s in enumerate(samples)]
     expected = seg_iou([torch.from_numpy(p.astype(np.uint8)) for p in predicted], [s.masks[0] for s in samples])
+    # Masks come from the model's own answers: an answer without [SEG] predicts nothing.
+    assert predicted[1].sum() == 0
     assert summary["giou"] == pytest.approx(expected["giou"], abs=1e-12)
     assert summary["ciou"] == pytest.approx(expected["ciou"], abs=1e-12)
     # The overlay is the image where the mask is 0 and red-tinted where it is 1.
@@ -254,4 +256,5 @@ def test_seg_mode(tiny_checkpoint, shapes_dir, tmp_path, monkeypatch):
     # The training-time function agrees.
     model, tokenizer, _ = load_vlm(tiny_checkpoint)
     metrics = evaluation.seg_metrics(model, tokenizer, samples, batch_size=2)
-    assert metrics == {"giou": summary["giou"], "ciou": summary["ciou"]}
+    assert metrics == {"giou": summary["giou"], "ciou": summary["ciou"],
+                       "seg_token_rate": summary["seg_token_rate"]}

@@ -1,0 +1,36 @@
+"""A hybrid dataset drawn from several datasets in fixed proportions (LISA's --sample_rates).
+
+LISA trains segmentation with `--dataset sem_seg||refer_seg||vqa||reason_seg --sample_rates
+9,3,3,1`: every example first picks a dataset with those odds, then an item from it. Here the
+picks are drawn once from a seeded generator, so the mixture (and a resumed run) is reproducible.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class MixtureDataset(Dataset):
+    def __init__(self, datasets: list, rates: list[float], length: int, seed: int = 0):
+        if len(rates) != len(datasets):
+            raise ValueError(f"--sample-rates has {len(rates)} values for {len(datasets)} "
+                             "datasets; give one rate per --data file")
+        if any(len(d) == 0 for d in datasets):
+            raise ValueError("a dataset in the mixture is empty")
+        g = torch.Generator().manual_seed(seed)
+        probs = torch.tensor(rates, dtype=torch.float64)
+        which = torch.multinomial(probs / probs.sum(), length, replacement=True, generator=g)
+        self.datasets = datasets
+        self.index = [(int(d), int(torch.randint(len(datasets[d]), (1,), generator=g)))
+                      for d in which.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        d, j = self.index[i]
+        return self.datasets[d][j]
+
+    def lengths(self) -> list[int]:
+        per_dataset = [d.lengths() for d in self.datasets]
+        return [per_dataset[d][j] for d, j in self.index]
