@@ -270,6 +270,13 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: i
                 f"train_sentencepiece: vocab_size={too_high[1]} is more than this corpus supports "
                 f"(at most {too_high[2]}, counting {4 + len(markers)} special and 256 byte pieces); "
                 f"lower vocab_size or give more text") from None
+        too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)",
+                            str(error))
+        if too_low:
+            raise ValueError(
+                f"train_sentencepiece: vocab_size={too_low[1]} is too small: this corpus needs at "
+                f"least {too_low[2]} pieces for its characters, byte fallback and special tokens; "
+                f"raise vocab_size") from None
         if "sentences_.empty()" in str(error):
             raise ValueError("train_sentencepiece: the corpus is empty (no non-empty texts)") from None
         raise

@@ -199,3 +199,25 @@ def test_reasonseg_errors(tmp_path):
     assert "no target polygon" in errors[2]
     assert "e_no_json.jpg has no annotation file e_no_json.json" in errors[3]
     assert errors[4].endswith("f_no_text.json: missing key 'text'")
+
+
+def test_reasonseg_answer_extension_and_text_expansion(tmp_path):
+    from minivlm.data.readers import expand_referring_texts
+    write_reasonseg(tmp_path, "a", [{"label": "target", "points": square(2, 2, 10, 10)}],
+                    text=("the red one", "the left-most shape", "the square"))
+    annotation = json.loads((tmp_path / "a.json").read_text())
+    annotation["answer"] = "Sure, it is the red square [SEG]."
+    (tmp_path / "a.json").write_text(json.dumps(annotation))
+    (sample,) = read_reasonseg_dir(tmp_path)
+    assert sample.turns[-1]["content"] == "Sure, it is the red square [SEG]."
+    assert "answer" not in sample.meta
+    expanded = expand_referring_texts([sample])
+    assert [s.turns[0]["content"] for s in expanded] == [
+        "<image>\nWhat is the red one in this image? Please output segmentation mask.",
+        "<image>\nWhat is the left-most shape in this image? Please output segmentation mask.",
+        "<image>\nWhat is the square in this image? Please output segmentation mask."]
+    assert all(s.masks[0] is sample.masks[0] and s.turns[1:] == sample.turns[1:] for s in expanded)
+    annotation["answer"] = "[SEG] and [SEG]"
+    (tmp_path / "a.json").write_text(json.dumps(annotation))
+    with pytest.raises(ValueError, match=r"a.json: 'answer' must contain exactly one \[SEG\]"):
+        read_reasonseg_dir(tmp_path)

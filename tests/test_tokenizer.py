@@ -283,3 +283,10 @@ def test_template_from_jinja():
     assert from_gguf.default_system_prompt.startswith("You are a helpful AI assistant")
     assert template_from_jinja("{{ bos_token }}[INST] ...") is None
     assert template_from_jinja(None) is None
+
+
+def test_vocab_too_small_for_the_characters_is_a_clear_error(tmp_path):
+    from minivlm.tokenizer import train_sentencepiece
+    texts = [f"text {chr(0x4e00 + i)} number {i}" for i in range(400)]  # 400 distinct characters
+    with pytest.raises(ValueError, match=r"vocab_size=300 is too small: .* at least \d+ pieces"):
+        train_sentencepiece(texts, tmp_path, vocab_size=300)

@@ -140,3 +140,19 @@ def test_ddp_zero1_two_ranks_resume_and_consolidate(shapes_dir, tiny_tokenizer_d
     consolidate(tmp_path / "ddp")
     train_pretrain.main(single)
     assert resolve_checkpoint(tmp_path / "ddp").name == "step_000004"
+
+
+def test_batch_plan_covers_each_epoch_once_and_groups_lengths():
+    from minivlm.distributed import init_distributed
+    from minivlm.trainer import BatchPlan
+    lengths = [(i * 37) % 101 for i in range(256)]
+    plan = BatchPlan(lengths, 8, init_distributed(False), seed=0, group_by_length=True)
+    epoch = plan.epoch_batches(0)
+    assert sorted(i for b in epoch for i in b) == list(range(256))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch)
+    shuffled = BatchPlan(lengths, 8, init_distributed(False), 0, False).epoch_batches(0)
+    assert spread < 0.3 * sum(max(lengths[i] for i in b) - min(lengths[i] for i in b)
+                              for b in shuffled)
+    # Micro-batch m is the same whether the run started at 0 or resumed at m.
+    resumed = plan.from_micro_step(40)
+    assert next(resumed) == plan.epoch_batches(1)[40 - 32]

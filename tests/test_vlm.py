@@ -132,3 +132,36 @@ def test_missing_image_is_one_line_naming_the_record(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="d.json:3: .*nope.png"):
         ChatDataset([sample], tokenizer, ImageProcessor.for_tower(model.vision),
                     model.image_tokens_per_tile, 512)
+
+
+def test_mask_of_the_wrong_size_names_the_record(tokenizer, tmp_path):
+    model = build_vlm(tiny_vlm_config(seg=True), tokenizer)
+    make_image(tmp_path / "a.png", (32, 32), (255, 0, 0))
+    sample = Sample(images=[tmp_path / "a.png"], masks=[np.zeros((16, 32), np.uint8)],
+                    source="seg.json:2", turns=[{"role": "user", "content": "<image>\nfind it"},
+                                                {"role": "assistant", "content": "Sure, [SEG]."}])
+    with pytest.raises(ValueError, match="seg.json:2: mask 0 is 32x16 but the image is 32x32"):
+        ChatDataset([sample], tokenizer, ImageProcessor.for_tower(model.vision),
+                    model.image_tokens_per_tile, 512)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
+    from minivlm.activation_checkpointing import enable_activation_checkpointing
+    torch.manual_seed(0)
+    model = build_vlm(tiny_vlm_config(seg=False), tokenizer)
+    make_image(tmp_path / "a.png", (32, 32), (0, 255, 0))
+    sample = Sample(images=[tmp_path / "a.png"], source="s:0", turns=[
+        {"role": "user", "content": "<image>\ncolour?"}, {"role": "assistant", "content": "green"}])
+    batch = collate([ChatDataset([sample], tokenizer, ImageProcessor.for_tower(model.vision),
+                                 model.image_tokens_per_tile, 512)[0]], tokenizer.pad_id)
+    plain = model(**batch).loss
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert enable_activation_checkpointing(model) == 2  # both LM blocks
+    checkpointed = model(**batch).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, plain)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad,
+                                   rtol=1e-5, atol=1e-7, msg=name)

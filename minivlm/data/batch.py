@@ -54,6 +54,12 @@ class ChatDataset(Dataset):
             raise ValueError(f"{sample.source}: {error}") from None
         tiles = [im.shape[0] if preload else self.image_processor.num_tiles(image_size(im))
                  for im in images]
+        if sample.masks:  # masks pair with the first image, at its own size
+            width, height = image_size(sample.images[0])
+            for k, mask in enumerate(sample.masks):
+                if mask.shape != (height, width):
+                    raise ValueError(f"{sample.source}: mask {k} is {mask.shape[1]}x{mask.shape[0]}"
+                                     f" but the image is {width}x{height}")
         ids, labels = self.tokenizer.encode_chat(sample.turns)
         ids, labels = expand_image_tokens(ids, labels, self.tokenizer.image_token_id,
                                           [t * self.tokens_per_tile for t in tiles])
