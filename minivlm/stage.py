@@ -145,6 +145,12 @@ def load_training_data(paths: str, args, model: VLM, tokenizer, env: Distributed
     `expand_texts`: a ReasonSeg sample becomes one example per referring text."""
     train = args.train_config
     processor = ImageProcessor.for_tower(model.vision)
+    encoder = None
+    if train.cache_image_features:
+        if any(p.requires_grad for p in model.vision.parameters()) or not train.preload_images:
+            raise ValueError("--cache-image-features needs a frozen vision tower (leave 'vision' "
+                             "out of --train) and --preload-images")
+        encoder = model.vision  # frozen: its output for an image never changes, so compute once
     datasets = []
     for path in filter(None, paths.split(",")):
         errors: list[str] | None = [] if train.skip_bad else None
@@ -152,7 +158,8 @@ def load_training_data(paths: str, args, model: VLM, tokenizer, env: Distributed
         if expand_texts:
             samples = expand_referring_texts(samples)
         dataset = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile,
-                              model.config.lm.max_seq_len, train.preload_images, train.skip_bad)
+                              model.config.lm.max_seq_len, train.preload_images, train.skip_bad,
+                              image_encoder=encoder)
         skipped = (errors or []) + dataset.errors
         if env.is_main:
             print(f"data {path}: {len(dataset)} examples"

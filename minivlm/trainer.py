@@ -60,6 +60,7 @@ class TrainConfig:
     skip_bad: bool = False
     num_workers: int = 0
     preload_images: bool = True  # decode every image once up front (also validates them)
+    cache_image_features: bool = False  # frozen tower: encode every image once, up front
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

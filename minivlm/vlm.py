@@ -71,14 +71,19 @@ class VLM(nn.Module):
         return tokens_per_tile(self.config.projector, self.vision.num_patches)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
-        """Token embeddings with image features spliced in; also returns the patch tokens."""
+        """Token embeddings with image features spliced in; also returns the patch tokens.
+        `pixel_values` is (N, 3, S, S) pixels, or (N, P, Dv) patch tokens already computed by a
+        frozen tower (ChatDataset's feature cache)."""
         embeds = self.lm.embed_tokens(input_ids)  # (B, T, D)
         is_image = input_ids == self.config.image_token_id  # (B, T)
         if pixel_values is None or pixel_values.numel() == 0:
             if bool(is_image.any()):
                 raise ValueError("input has <image> tokens but no pixel_values were given")
             return embeds, None
-        patch_tokens = self.vision(pixel_values.to(embeds.dtype))  # (N, P, Dv)
+        if pixel_values.dim() == 3:  # (N, P, Dv): patch tokens cached from a frozen tower
+            patch_tokens = pixel_values.to(embeds.dtype)
+        else:
+            patch_tokens = self.vision(pixel_values.to(embeds.dtype))  # (N, P, Dv)
         image_embeds = self.projector(patch_tokens)  # (N, P', D)
         image_rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # (N*P', D)
         if int(is_image.sum()) != image_rows.shape[0]:

@@ -165,3 +165,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer, t
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad,
                                    rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cached_tower_features_give_the_same_loss_as_pixels(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = build_vlm(tiny_vlm_config(seg=False), tokenizer).eval()
+    model.vision.requires_grad_(False)
+    make_image(tmp_path / "a.png", (32, 32), (0, 0, 255))
+    samples = [Sample(images=[tmp_path / "a.png"], source="s:0", turns=[
+        {"role": "user", "content": "<image>\ncolour?"}, {"role": "assistant", "content": "blue"}])]
+    processor = ImageProcessor.for_tower(model.vision)
+    plain = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile, 512)
+    cached = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile, 512,
+                         image_encoder=model.vision)
+    batch_plain, batch_cached = (collate([d[0]], tokenizer.pad_id) for d in (plain, cached))
+    assert batch_cached["pixel_values"].shape == (1, model.vision.num_patches, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch_cached).loss, model(**batch_plain).loss)

@@ -33,8 +33,12 @@ class Example:
 
 class ChatDataset(Dataset):
     def __init__(self, samples: list[Sample], tokenizer, image_processor, tokens_per_tile: int,
-                 max_seq_len: int, preload_images: bool = True, skip_bad: bool = False):
+                 max_seq_len: int, preload_images: bool = True, skip_bad: bool = False,
+                 image_encoder=None):
+        """`image_encoder` (with preloading): a frozen tower's pixels -> patch tokens function;
+        each image is then encoded once here and stored as features, not pixels."""
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_encoder = image_encoder
         self.tokens_per_tile = tokens_per_tile
         self.examples: list[Example] = []
         self.errors: list[str] = []
@@ -52,6 +56,9 @@ class ChatDataset(Dataset):
                 else list(sample.images)
         except ValueError as error:  # the image's own message names the file; add the record
             raise ValueError(f"{sample.source}: {error}") from None
+        if preload and self.image_encoder is not None:
+            with torch.no_grad():
+                images = [self.image_encoder(im) for im in images]  # (tiles, P, Dv) each
         tiles = [im.shape[0] if preload else self.image_processor.num_tiles(image_size(im))
                  for im in images]
         if sample.masks:  # masks pair with the first image, at its own size
