@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     evaluate = None
     if c.val_data:
         from minivlm.evaluation import seg_metrics
-        val_samples = read_dataset(c.val_data)[: args.val_limit]
+        val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 
         def evaluate(m):
             return seg_metrics(m, tokenizer, val_samples)

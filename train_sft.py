@@ -26,7 +26,8 @@ def main(argv=None) -> dict:
     evaluate = None
     if args.train_config.val_data:
         from minivlm.evaluation import vqa_metrics
-        val_samples = read_dataset(args.train_config.val_data)[: args.val_limit]
+        c = args.train_config
+        val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 
         def evaluate(m):
             return vqa_metrics(m, tokenizer, val_samples)

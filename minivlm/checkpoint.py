@@ -57,16 +57,18 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model, config: dict, toke
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(out_dir / LATEST, name)
-        prune(out_dir, keep)
+        prune(out_dir, keep, just_saved=name)
     barrier(env)
     return final
 
 
-def prune(out_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` step directories (0 keeps all)."""
+def prune(out_dir: Path, keep: int, just_saved: str) -> None:
+    """Keep `keep` step directories (0 keeps all): the one just saved and the highest others.
+    The new one is never pruned, even if an older run left higher step numbers behind."""
     if keep <= 0:
         return
-    for old in sorted(out_dir.glob("step_*"))[:-keep]:
+    others = [d for d in sorted(out_dir.glob("step_*")) if d.name != just_saved]
+    for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.mask_decoder import MaskDecoderConfig, build_mask_decoder, load_sam_mask_decoder
+from minivlm.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig, build_mask_decoder,
+                                  load_sam_mask_decoder)
 from minivlm.seg_losses import dice_loss, sigmoid_bce_loss
 
 
@@ -38,7 +39,10 @@ class SegHead(nn.Module):
         super().__init__()
         if config.sam_checkpoint:
             self.mask_decoder, self.prompt_encoder = load_sam_mask_decoder(config.sam_checkpoint)
-            config.decoder_dim = self.mask_decoder.transformer_dim
+            sam = MASK_DECODER_PRESETS["sam"]  # the config must rebuild this decoder on load
+            config.decoder_dim, config.decoder_depth = sam.transformer_dim, sam.depth
+            config.decoder_heads, config.decoder_mlp_dim = sam.num_heads, sam.mlp_dim
+            config.iou_head_hidden_dim = sam.iou_head_hidden_dim
         else:
             self.mask_decoder, self.prompt_encoder = build_mask_decoder(MaskDecoderConfig(
                 transformer_dim=config.decoder_dim, depth=config.decoder_depth,

@@ -11,7 +11,6 @@ return the mean over the N masks (LISA's `loss.sum() / num_masks`), the sum, or 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

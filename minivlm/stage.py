@@ -114,6 +114,8 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
              if train.train == "auto" else set(filter(None, train.train.split(","))))
     if not seg_config.enabled:
         parts.discard("seg")
+    if model.config.vision.freeze:  # --vision-freeze wins over "auto"
+        parts.discard("vision")
     set_trainable(model, parts)
     lora = args.lora_config
     run_config = {"stage": stage, "model": model.config.to_dict(), "lora": None}

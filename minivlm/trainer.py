@@ -170,6 +170,9 @@ class Trainer:
         batches = self.plan.from_micro_step(self.step * self.config.grad_accum)
         return iter(DataLoader(self.train_set, batch_sampler=batches,
                                collate_fn=functools.partial(collate, pad_id=pad_id),
+                               # its own generator: creating the iterator must not draw from the
+                               # global RNG, or a resumed run's dropout masks would differ
+                               generator=torch.Generator().manual_seed(self.config.seed),
                                num_workers=self.config.num_workers))
 
     def _to_device(self, batch: dict) -> dict:
@@ -200,7 +203,8 @@ class Trainer:
         progress = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_bar,
                         desc=self.out_dir.name, dynamic_ncols=True)
         self.started, self.start_step = time.time(), self.step
-        window = dict(loss=0.0, bce=0.0, dice=0.0, tokens=0, images=0, n=0, t0=time.time())
+        window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
+                      t0=time.time())
         results: dict = {}
         self.model.train()
         while self.step < c.max_steps:
@@ -217,8 +221,10 @@ class Trainer:
                         out = self.train_model(**batch)
                     self.scaler.scale(out.loss / c.grad_accum).backward()
                 window["loss"] += float(out.ce_loss) / c.grad_accum
-                window["bce"] += float(out.mask_bce or 0.0) / c.grad_accum
-                window["dice"] += float(out.mask_dice or 0.0) / c.grad_accum
+                if out.mask_bce is not None:  # mask losses average over batches that had masks
+                    window["bce"] += float(out.mask_bce)
+                    window["dice"] += float(out.mask_dice)
+                    window["masked"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
                 window["images"] += 0 if batch["pixel_values"] is None \
                     else batch["pixel_values"].shape[0]
@@ -232,7 +238,7 @@ class Trainer:
             progress.update(1)
             if self.step % c.log_every == 0 or self.step == c.max_steps:
                 results.update(self._log(window, lr, float(grad_norm), writer, progress))
-                window = dict(loss=0.0, bce=0.0, dice=0.0, tokens=0, images=0, n=0,
+                window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
                               t0=time.time())
             last = self.step == c.max_steps
             if self.evaluate is not None and ((c.eval_every and self.step % c.eval_every == 0)
@@ -252,9 +258,13 @@ class Trainer:
                    "train/lr": lr, "train/grad_norm": grad_norm,
                    "train/tokens_per_s": window["tokens"] * self.env.world_size / seconds,
                    "train/images_per_s": window["images"] * self.env.world_size / seconds}
-        if window["bce"]:
-            scalars["train/mask_bce"] = all_reduce_mean(window["bce"] / n, self.env)
-            scalars["train/mask_dice"] = all_reduce_mean(window["dice"] / n, self.env)
+        if self.model.seg_head is not None:
+            # Collectives on every rank, whether or not its own batches had masks.
+            masked = all_reduce_mean(float(window["masked"]), self.env)
+            bce = all_reduce_mean(window["bce"], self.env)
+            dice = all_reduce_mean(window["dice"], self.env)
+            if masked > 0:
+                scalars["train/mask_bce"], scalars["train/mask_dice"] = bce / masked, dice / masked
         if writer is not None:
             for name, value in scalars.items():
                 writer.add_scalar(name, value, self.step)

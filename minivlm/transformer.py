@@ -269,6 +269,11 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        # Never decode past the context: stop early instead of failing mid-answer.
+        max_new_tokens = min(max_new_tokens, self.config.max_seq_len - T)
+        if max_new_tokens <= 0:
+            raise ValueError(f"the prompt has {T} tokens: no room left in max_seq_len="
+                             f"{self.config.max_seq_len} to generate")
         cache = KVCache(self.config, B, T + max_new_tokens, device, dtype)
         logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
                       attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)

@@ -13,7 +13,6 @@ Positional encodings are re-added to q and k before every attention (never to v)
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

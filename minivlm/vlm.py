@@ -104,7 +104,9 @@ class VLM(nn.Module):
         has_label = targets != IGNORE_INDEX
         logits = self.lm.lm_head(hidden[:, :-1][has_label])  # (n_labels, V)
         ce = F.cross_entropy(logits.float(), targets[has_label])
-        out = VLMOutput(loss=ce, ce_loss=ce.detach(), num_label_tokens=int(has_label.sum()))
+        weight = self.config.seg.ce_weight if self.seg_head is not None else 1.0
+        out = VLMOutput(loss=weight * ce, ce_loss=ce.detach(),
+                        num_label_tokens=int(has_label.sum()))
         if self.seg_head is not None and masks:
             rows, cols = self.seg_positions(input_ids)
             if len(rows) != len(masks):
@@ -113,7 +115,7 @@ class VLM(nn.Module):
                                       [m.shape for m in masks])
             bce, dice = self.seg_head.loss(predicted, masks)
             c = self.config.seg
-            out.loss = c.ce_weight * ce + c.bce_weight * bce + c.dice_weight * dice
+            out.loss = out.loss + c.bce_weight * bce + c.dice_weight * dice
             out.mask_bce, out.mask_dice = bce.detach(), dice.detach()
         return out
 

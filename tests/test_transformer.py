@@ -151,3 +151,11 @@ def test_sequence_longer_than_context_is_a_clear_error():
     model = Transformer(tiny_config(max_seq_len=8))
     with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_generate_stops_at_the_context_limit():
+    torch.manual_seed(8)
+    model = Transformer(tiny_config(max_seq_len=12)).eval()
+    assert model.generate(torch.randint(0, 97, (1, 8)), max_new_tokens=50).shape == (1, 4)
+    with pytest.raises(ValueError, match="no room left in max_seq_len=12"):
+        model.generate(torch.randint(0, 97, (1, 12)), max_new_tokens=5)

@@ -73,7 +73,7 @@ class ChatDataset(Dataset):
         if len(ids) > max_seq_len:
             raise ValueError(f"{sample.source}: {len(ids)} tokens (images included) exceed the "
                              f"context of {max_seq_len}")
-        num_seg = sum(1 for t in labels if t == self.tokenizer.seg_token_id)
+        num_seg = ids.count(self.tokenizer.seg_token_id)  # the model pairs every [SEG] with a mask
         if num_seg != len(sample.masks):
             raise ValueError(f"{sample.source}: {num_seg} [SEG] tokens to learn but "
                              f"{len(sample.masks)} masks")
