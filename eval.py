@@ -44,12 +44,10 @@ from minivlm.data.images import load_image
 from minivlm.data.readers import read_chiron_eval, read_reasonseg_dir
 from minivlm.evaluation import (BertScoreConfig, add_bertscore, iter_seg_batches,
                                 iter_vqa_batches, question_text, summarize_seg, summarize_vqa)
+from minivlm.inference import mask_overlay
 from minivlm.judge import REFERENCE_URL, Judge, JudgeConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-OVERLAY_RED, OVERLAY_ALPHA = (255, 0, 0), 0.45
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -142,7 +140,6 @@ def save_example(folder: Path, record: dict, image_path: Path, predicted: list, 
     prediction on the image."""
     folder.mkdir(parents=True, exist_ok=True)
     image = load_image(image_path)
-    red = Image.blend(image, Image.new("RGB", image.size, OVERLAY_RED), OVERLAY_ALPHA)
     stem = f"{record['index']:05d}_{Path(record['image_name']).stem}"
     for k, (mask, target) in enumerate(zip(predicted, targets)):
         mask = np.asarray(mask, dtype=np.uint8)  # (H, W) 0/1
@@ -150,7 +147,7 @@ def save_example(folder: Path, record: dict, image_path: Path, predicted: list, 
         Image.fromarray(mask * 255).save(folder / f"{stem}{suffix}_mask.png")
         Image.fromarray(np.where(target == 1, 255, np.where(target == 255, 128, 0)).astype(np.uint8)
                         ).save(folder / f"{stem}{suffix}_target.png")  # ignore pixels in grey
-        Image.composite(red, image, Image.fromarray(mask * 255)).save(folder / f"{stem}{suffix}_overlay.png")
+        mask_overlay(image, mask).save(folder / f"{stem}{suffix}_overlay.png")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -20,13 +20,8 @@ from PIL import Image
 
 from minivlm.data.images import load_image
 from minivlm.data.sample import IMAGE_PLACEHOLDER, Sample
-from minivlm.inference import answer_samples, predict_masks
+from minivlm.inference import answer_samples, mask_overlay, predict_masks
 from minivlm.vision import ImageProcessor
-
-
-def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    red = Image.blend(image, Image.new("RGB", image.size, (255, 0, 0)), alpha)
-    return Image.composite(red, image, Image.fromarray(mask.astype(np.uint8) * 255))
 
 
 class VLMChat:
@@ -113,7 +108,7 @@ def main(argv=None) -> list[str]:
             stem = f"{Path(args.image).stem}_turn{turn}"
             for k, mask in enumerate(masks):
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_seg{k}_mask.png")
-                overlay(image, mask).save(out / f"{stem}_seg{k}_overlay.png")
+                mask_overlay(image, mask).save(out / f"{stem}_seg{k}_overlay.png")
                 print(f"  [SEG] {k}: {int(mask.sum())} pixels -> {out / f'{stem}_seg{k}_overlay.png'}")
     return answers
 

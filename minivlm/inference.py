@@ -6,10 +6,12 @@ left-padded so every row's next token lands in the same column of the KV cache.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from minivlm.data.batch import collate, expand_image_tokens
-from minivlm.data.images import load_image
+from minivlm.data.images import image_size, load_image
 from minivlm.data.sample import Sample
 
 
@@ -72,7 +74,7 @@ def predict_masks(model, tokenizer, image_processor, samples: list[Sample], answ
         items = [encode_prompt(s, tokenizer, image_processor, model.image_tokens_per_tile, a)
                  for s, a in zip(chunk, chunk_answers)]
         batch = collate(items, tokenizer.pad_id)
-        sizes = [tuple(load_image(s.images[0]).size[::-1]) for s in chunk]  # (H, W)
+        sizes = [tuple(image_size(s.images[0]))[::-1] for s in chunk]  # (H, W), header only
         logits = model.predict_masks(batch["input_ids"].to(device),
                                      batch["attention_mask"].to(device),
                                      batch["pixel_values"].to(device),
@@ -83,3 +85,9 @@ def predict_masks(model, tokenizer, image_processor, samples: list[Sample], answ
             out.append(masks[:count])
             masks = masks[count:]
     return out
+
+
+def mask_overlay(image: Image.Image, mask, alpha: float = 0.45) -> Image.Image:
+    """The image, tinted red where the (H, W) 0/1 mask is 1 (eval examples and chat)."""
+    red = Image.blend(image, Image.new("RGB", image.size, (255, 0, 0)), alpha)
+    return Image.composite(red, image, Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255))

@@ -6,6 +6,7 @@ from PIL import Image
 
 import demo
 from minivlm import chat
+from minivlm.inference import mask_overlay
 
 
 def test_demo_quick_runs_every_stage_and_writes_results(tmp_path):
@@ -28,5 +29,5 @@ def test_chat_overlay_paints_only_the_mask():
     image = Image.new("RGB", (4, 4), (0, 0, 255))
     mask = np.zeros((4, 4), np.uint8)
     mask[1, 2] = 1
-    out = np.asarray(chat.overlay(image, mask, alpha=0.5))
+    out = np.asarray(mask_overlay(image, mask, alpha=0.5))
     assert tuple(out[1, 2]) == (127, 0, 127) and tuple(out[0, 0]) == (0, 0, 255)
