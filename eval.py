@@ -37,15 +37,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minivlm.build import load_vlm
-from minivlm.checkpoint import resolve_checkpoint, write_text_atomic
+from minivlm.models.build import load_vlm
+from minivlm.train.checkpoint import resolve_checkpoint, write_text_atomic
 from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
 from minivlm.data.readers import read_chiron_eval, read_reasonseg_dir
-from minivlm.evaluation import (BertScoreConfig, add_bertscore, iter_seg_batches,
+from minivlm.eval.evaluation import (BertScoreConfig, add_bertscore, iter_seg_batches,
                                 iter_vqa_batches, question_text, summarize_seg, summarize_vqa)
-from minivlm.inference import mask_overlay
-from minivlm.judge import REFERENCE_URL, Judge, JudgeConfig
+from minivlm.eval.inference import mask_overlay
+from minivlm.eval.judge import REFERENCE_URL, Judge, JudgeConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

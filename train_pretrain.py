@@ -11,9 +11,9 @@ training on image captions. Trains the projector, plus any part that starts from
 """
 import sys
 
-from minivlm.distributed import cleanup
-from minivlm.stage import load_training_data, parse_args, prepare_model, start
-from minivlm.trainer import Trainer
+from minivlm.train.distributed import cleanup
+from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.train.trainer import Trainer
 
 
 def main(argv=None) -> dict:

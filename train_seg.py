@@ -14,9 +14,9 @@ import sys
 
 from minivlm.data.mixture import MixtureDataset
 from minivlm.data.readers import read_dataset
-from minivlm.distributed import cleanup
-from minivlm.stage import load_training_data, parse_args, prepare_model, start
-from minivlm.trainer import Trainer
+from minivlm.train.distributed import cleanup
+from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.train.trainer import Trainer
 
 
 def main(argv=None) -> dict:
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
                                seed=c.seed)
     evaluate = None
     if c.val_data:
-        from minivlm.evaluation import seg_metrics
+        from minivlm.eval.evaluation import seg_metrics
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 
         def evaluate(m):

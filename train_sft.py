@@ -12,9 +12,9 @@ closed-question accuracy every `--eval-every` steps. Usage:
 import sys
 
 from minivlm.data.readers import read_dataset
-from minivlm.distributed import cleanup
-from minivlm.stage import load_training_data, parse_args, prepare_model, start
-from minivlm.trainer import Trainer
+from minivlm.train.distributed import cleanup
+from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.train.trainer import Trainer
 
 
 def main(argv=None) -> dict:
@@ -25,7 +25,7 @@ def main(argv=None) -> dict:
     (train_set,) = load_training_data(args.train_config.data, args, model, tokenizer, env)
     evaluate = None
     if args.train_config.val_data:
-        from minivlm.evaluation import vqa_metrics
+        from minivlm.eval.evaluation import vqa_metrics
         c = args.train_config
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minivlm.hf_weights import config_to_hf  # noqa: E402
-from minivlm.transformer import PRESETS, Transformer, TransformerConfig  # noqa: E402
+from minivlm.weights.hf import config_to_hf  # noqa: E402
+from minivlm.models.transformer import PRESETS, Transformer, TransformerConfig  # noqa: E402
 
 
 @dataclass

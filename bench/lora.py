@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minivlm.lora import apply_lora, count_parameters  # noqa: E402
-from minivlm.transformer import Transformer, TransformerConfig  # noqa: E402
+from minivlm.models.transformer import Transformer, TransformerConfig  # noqa: E402
 
 
 @dataclass

@@ -30,8 +30,8 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minivlm.distributed import barrier, cleanup, init_distributed, wrap_ddp  # noqa: E402
-from minivlm.zero import ZeRO1, optimizer_state_bytes  # noqa: E402
+from minivlm.train.distributed import barrier, cleanup, init_distributed, wrap_ddp  # noqa: E402
+from minivlm.train.zero import ZeRO1, optimizer_state_bytes  # noqa: E402
 
 
 @dataclass

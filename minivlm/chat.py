@@ -19,16 +19,17 @@ import torch
 from PIL import Image
 
 from minivlm.data.images import load_image
-from minivlm.data.sample import IMAGE_PLACEHOLDER, Sample
-from minivlm.inference import answer_samples, mask_overlay, predict_masks
-from minivlm.vision import ImageProcessor
+from minivlm.constants import IMAGE_TOKEN
+from minivlm.data.sample import Sample
+from minivlm.eval.inference import answer_samples, mask_overlay, predict_masks
+from minivlm.models.vision import ImageProcessor
 
 
 class VLMChat:
     """A conversation with a minivlm checkpoint: `ask` appends a turn and returns the answer."""
 
     def __init__(self, model_path: str, device: str, image: str | None, max_new_tokens: int):
-        from minivlm.build import load_vlm
+        from minivlm.models.build import load_vlm
         self.model, self.tokenizer, _ = load_vlm(model_path, device, merge_lora=True)
         self.model.eval()
         self.processor = ImageProcessor.for_tower(self.model.vision)
@@ -37,8 +38,8 @@ class VLMChat:
         self.max_new_tokens = max_new_tokens
 
     def ask(self, prompt: str) -> tuple[str, list[np.ndarray]]:
-        if self.images and not self.turns and IMAGE_PLACEHOLDER not in prompt:
-            prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
+        if self.images and not self.turns and IMAGE_TOKEN not in prompt:
+            prompt = f"{IMAGE_TOKEN}\n{prompt}"
         self.turns.append({"role": "user", "content": prompt})
         sample = Sample(images=self.images, turns=list(self.turns), source="chat")
         (answer,) = answer_samples(self.model, self.tokenizer, self.processor, [sample],
@@ -60,7 +61,7 @@ class TextChat:
     """A plain language model from a GGUF file: text in, text out, through our KV-cache generate."""
 
     def __init__(self, gguf_path: str, device: str, max_new_tokens: int):
-        from minivlm.gguf_weights import load_gguf
+        from minivlm.weights.gguf import load_gguf
         self.model, self.tokenizer = load_gguf(gguf_path)
         self.model.to(device).eval()
         self.turns: list[dict] = []

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from minivlm.checkpoint import resolve_checkpoint
-from minivlm.zero import merge_shards
+from minivlm.train.checkpoint import resolve_checkpoint
+from minivlm.train.zero import merge_shards
 
 
 def consolidate(path) -> str:

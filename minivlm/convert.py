@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from minivlm.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
-from minivlm.gguf_weights import model_from_reader, open_gguf, read_metadata
-from minivlm.hf_weights import save_hf_checkpoint
-from minivlm.transformer import Transformer, TransformerConfig
+from minivlm.weights.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
+from minivlm.weights.gguf import model_from_reader, open_gguf, read_metadata
+from minivlm.weights.hf import save_hf_checkpoint
+from minivlm.models.transformer import Transformer, TransformerConfig
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -44,8 +44,8 @@ def save_minivlm(model: Transformer, tokenizer, out: Path) -> None:
 
 def load_converted(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a directory written by `--out`."""
-    from minivlm.checkpoint import load_weights
-    from minivlm.tokenizer import load_tokenizer
+    from minivlm.train.checkpoint import load_weights
+    from minivlm.data.tokenizer import load_tokenizer
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())

@@ -253,7 +253,7 @@ def _lm_prefix(model: nn.Module, prefix: str | None) -> str:
     """Where the language model sits: "" for a Transformer, "lm." for VLM's `vlm.lm`."""
     if prefix is not None:
         return prefix
-    from minivlm.transformer import Transformer
+    from minivlm.models.transformer import Transformer
     if isinstance(model, Transformer):
         return ""
     found = [n for n, m in model.named_modules() if isinstance(m, Transformer)]

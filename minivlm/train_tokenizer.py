@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from minivlm.data.readers import read_dataset
-from minivlm.tokenizer import train_sentencepiece
+from minivlm.data.tokenizer import train_sentencepiece
 
 
 def dataset_texts(paths: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivlm.distributed import (
+from minivlm.train.distributed import (
     all_reduce_mean,
     barrier,
     broadcast_object,
@@ -26,7 +26,7 @@ from minivlm.distributed import (
     unwrap_ddp,
     wrap_ddp,
 )
-from minivlm.zero import ZeRO1, clip_grad_norm_, optimizer_state_bytes
+from minivlm.train.zero import ZeRO1, clip_grad_norm_, optimizer_state_bytes
 
 STEPS = 5
 RESUME_AT = 3  # checkpoints are taken after this many steps

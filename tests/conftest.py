@@ -17,7 +17,7 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(shapes_dir, tmp_path_factory) -> Path:
-    from minivlm.tokenizer import train_sentencepiece
+    from minivlm.data.tokenizer import train_sentencepiece
     from minivlm.train_tokenizer import dataset_texts
     out = tmp_path_factory.mktemp("tokenizer")
     texts = dataset_texts([str(shapes_dir / "pretrain.json"), str(shapes_dir / "sft.json")])
@@ -26,11 +26,11 @@ def tiny_tokenizer_dir(shapes_dir, tmp_path_factory) -> Path:
 
 
 def tiny_vlm_config(seg: bool = True):
-    from minivlm.projector import ProjectorConfig
-    from minivlm.seg_head import SegConfig
-    from minivlm.transformer import TransformerConfig
-    from minivlm.vision import VisionConfig
-    from minivlm.vlm import VLMConfig
+    from minivlm.models.projector import ProjectorConfig
+    from minivlm.models.seg_head import SegConfig
+    from minivlm.models.transformer import TransformerConfig
+    from minivlm.models.vision import VisionConfig
+    from minivlm.models.vlm import VLMConfig
     return VLMConfig(
         lm=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2, hidden_dim=64,
                              max_seq_len=512),
@@ -43,10 +43,10 @@ def tiny_vlm_config(seg: bool = True):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     """A saved, randomly initialised tiny VLM (with a segmentation head): a run directory."""
-    from minivlm.build import build_vlm
-    from minivlm.checkpoint import save_checkpoint
-    from minivlm.distributed import init_distributed
-    from minivlm.tokenizer import load_tokenizer
+    from minivlm.models.build import build_vlm
+    from minivlm.train.checkpoint import save_checkpoint
+    from minivlm.train.distributed import init_distributed
+    from minivlm.data.tokenizer import load_tokenizer
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     model = build_vlm(tiny_vlm_config(), tokenizer)

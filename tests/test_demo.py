@@ -6,7 +6,7 @@ from PIL import Image
 
 import demo
 from minivlm import chat
-from minivlm.inference import mask_overlay
+from minivlm.eval.inference import mask_overlay
 
 
 def test_demo_quick_runs_every_stage_and_writes_results(tmp_path):

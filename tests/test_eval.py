@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 import eval as eval_script
-import minivlm.evaluation as evaluation
-from minivlm.build import load_vlm
+import minivlm.eval.evaluation as evaluation
+from minivlm.models.build import load_vlm
 from minivlm.data.readers import read_chiron_eval, read_reasonseg_dir
-from minivlm.data.sample import FINAL_ANSWER_PREFIX
-from minivlm.metrics import seg_iou
-from minivlm.text_metrics import default_bertscore_model
+from minivlm.constants import FINAL_ANSWER_PREFIX
+from minivlm.eval.seg_iou import seg_iou
+from minivlm.eval.text_metrics import default_bertscore_model
 from test_text_metrics import FakeJudge, judge_server  # noqa: F401  (the fake judge fixture)
 
 CHIRON = Path(__file__).resolve().parents[2] / "shared" / "data" / "chiron_o1_eval"
@@ -27,10 +27,10 @@ def long_checkpoint(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     """The tiny VLM with a 2048-token context: a Chiron prompt (5 images, a long question) is
     ~600 tokens with the shapes tokenizer, more than the shared tiny checkpoint's 512."""
     from conftest import tiny_vlm_config
-    from minivlm.build import build_vlm
-    from minivlm.checkpoint import save_checkpoint
-    from minivlm.distributed import init_distributed
-    from minivlm.tokenizer import load_tokenizer
+    from minivlm.models.build import build_vlm
+    from minivlm.train.checkpoint import save_checkpoint
+    from minivlm.train.distributed import init_distributed
+    from minivlm.data.tokenizer import load_tokenizer
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     config = tiny_vlm_config(seg=False)

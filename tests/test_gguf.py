@@ -12,10 +12,10 @@ import torch
 import transformers
 from tokenizers.pre_tokenizers import ByteLevel
 
-from minivlm.chat_template import CHATML
-from minivlm.gguf_tokenizer import load_gguf_tokenizer
-from minivlm.gguf_weights import load_gguf, open_gguf
-from minivlm.transformer import Transformer, TransformerConfig
+from minivlm.data.chat_template import CHATML
+from minivlm.weights.gguf_tokenizer import load_gguf_tokenizer
+from minivlm.weights.gguf import load_gguf, open_gguf
+from minivlm.models.transformer import Transformer, TransformerConfig
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
@@ -208,7 +208,7 @@ def test_truncated_file_vocab_mismatch_and_missing_tensor_are_named(tmp_path):
 
 def test_convert_writes_minivlm_and_hugging_face_directories(tmp_path, capsys):
     from minivlm.convert import load_converted, main
-    from minivlm.tokenizer import load_hf_tokenizer
+    from minivlm.data.tokenizer import load_hf_tokenizer
 
     write_gguf(tmp_path / "tiny.gguf", tiny_model("llama"), "llama", "token_embd.weight")
     main([str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "ours"),

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from minivlm.lora import (LoRALinear, apply_lora, count_parameters, load_lora_state_dict,
                           load_peft_adapter, lora_modules, lora_state_dict, mark_trainable,
                           merge_and_unload, merge_lora, save_peft_adapter, unmerge_lora)
-from minivlm.transformer import Transformer
+from minivlm.models.transformer import Transformer
 from test_transformer import hf_llama_from, tiny_config
 
 TARGETS = ["q_proj", "v_proj", "gate_proj"]

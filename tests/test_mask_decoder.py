@@ -8,13 +8,13 @@ from segment_anything.modeling import MaskDecoder as SamMaskDecoder
 from segment_anything.modeling import PromptEncoder as SamPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as SamTwoWayTransformer
 
-from minivlm.mask_decoder import (
+from minivlm.models.mask_decoder import (
     MASK_DECODER_PRESETS,
     MaskDecoderConfig,
     build_mask_decoder,
     load_sam_mask_decoder,
 )
-from minivlm.prompt_encoder import PositionEmbeddingRandom
+from minivlm.models.prompt_encoder import PositionEmbeddingRandom
 
 TINY = MaskDecoderConfig(transformer_dim=32, depth=2, num_heads=4, mlp_dim=64, iou_head_hidden_dim=32)
 GRID = (4, 4)  # image-embedding grid; masks come out at 4x: 16 x 16

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from minivlm.metrics import SegIoUAccumulator, seg_iou
-from minivlm.seg_losses import dice_loss, sigmoid_bce_loss
+from minivlm.eval.seg_iou import SegIoUAccumulator, seg_iou
+from minivlm.models.seg_losses import dice_loss, sigmoid_bce_loss
 
 
 def _hand_masks():

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivlm.data import (FINAL_ANSWER_PREFIX, IMAGE_PLACEHOLDER, read_chiron_eval, read_dataset, read_llava_json,
-                          read_messages_jsonl, read_reasonseg_dir)
+from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
+from minivlm.data.readers import (read_chiron_eval, read_dataset, read_llava_json,
+                                  read_messages_jsonl, read_reasonseg_dir)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_fixtures = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
 
 
 def placeholders(sample) -> int:
-    return sum(t["content"].count(IMAGE_PLACEHOLDER) for t in sample.turns)
+    return sum(t["content"].count(IMAGE_TOKEN) for t in sample.turns)
 
 
 @needs_fixtures
@@ -28,7 +29,7 @@ def test_chiron_eval_fixture_all_items():
         names = record["img_name"] if isinstance(record["img_name"], list) else [record["img_name"]]
         assert sample.images == [path.parent / name for name in names]
         assert all(p.is_file() for p in sample.images)
-        assert placeholders(sample) == len(sample.images) == record["question"].count(IMAGE_PLACEHOLDER)
+        assert placeholders(sample) == len(sample.images) == record["question"].count(IMAGE_TOKEN)
         assert sample.turns[0] == {"role": "user", "content": record["question"]}
         assert sample.turns[1]["role"] == "assistant"
         assert sample.turns[1]["content"] == record["reasoning"] + "\n" + FINAL_ANSWER_PREFIX + record["answer"]
@@ -50,7 +51,7 @@ def test_messages_fixture_gets_placeholders_and_finds_images_under_images():
         assert sample.images == [path.parent / "images" / name for name in record["images"]]  # second place looked
         count = len(record["images"])
         assert placeholders(sample) == count and count in (1, 2)
-        assert sample.turns[0]["content"] == (IMAGE_PLACEHOLDER + "\n") * count + record["messages"][0]["content"]
+        assert sample.turns[0]["content"] == (IMAGE_TOKEN + "\n") * count + record["messages"][0]["content"]
         assert sample.turns[1] == record["messages"][1]
         assert sample.meta["rid"] == record["rid"] and sample.source == f"{path}:{line_number}"
     assert read_dataset(path)[3].turns == samples[3].turns

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivlm.data import check_sample, read_chiron_eval, read_dataset, read_llava_json, read_reasonseg_dir
+from minivlm.data.readers import read_chiron_eval, read_dataset, read_llava_json, read_reasonseg_dir
+from minivlm.data.sample import check_sample
 from minivlm.data.shapes import ShapesConfig, generate, main
 from minivlm.data.shapes_scene import (BACKGROUND, COLOURS, SPLIT_PERCENT, describe_scene, scene_from_json, scene_key,
                                        shape_mask, split_of)

@@ -6,8 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from minivlm.judge import Judge, JudgeError
-from minivlm.text_metrics import (answers_match, bertscore_f1, default_bertscore_model,
+from minivlm.eval.judge import Judge, JudgeError
+from minivlm.eval.text_metrics import (answers_match, bertscore_f1, default_bertscore_model,
                                   extract_final_answer, normalize_answer)
 
 

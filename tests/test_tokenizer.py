@@ -11,8 +11,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minivlm.chat_template import CHATML, MINIVLM, template_from_jinja
-from minivlm.tokenizer import (HFTokenizer, SentencePieceTokenizer, load_hf_tokenizer,
+from minivlm.data.chat_template import CHATML, MINIVLM, template_from_jinja
+from minivlm.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, load_hf_tokenizer,
                                load_tokenizer, train_sentencepiece)
 
 CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -286,7 +286,7 @@ def test_template_from_jinja():
 
 
 def test_vocab_too_small_for_the_characters_is_a_clear_error(tmp_path):
-    from minivlm.tokenizer import train_sentencepiece
+    from minivlm.data.tokenizer import train_sentencepiece
     texts = [f"text {chr(0x4e00 + i)} number {i}" for i in range(400)]  # 400 distinct characters
     with pytest.raises(ValueError, match=r"vocab_size=300 is too small: .* at least \d+ pieces"):
         train_sentencepiece(texts, tmp_path, vocab_size=300)

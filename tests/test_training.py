@@ -11,9 +11,9 @@ import torch
 
 import train_pretrain
 import train_sft
-from minivlm.build import load_vlm
-from minivlm.checkpoint import resolve_checkpoint
-from minivlm.schedule import cosine_warmup_lr
+from minivlm.models.build import load_vlm
+from minivlm.train.checkpoint import resolve_checkpoint
+from minivlm.train.schedule import cosine_warmup_lr
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FLAGS = ["--lm-dim", "32", "--lm-num-layers", "1", "--lm-num-heads", "2",
@@ -68,7 +68,7 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(shapes_dir, tiny_
     run = tmp_path / "run"
     pretrain(shapes_dir, tiny_tokenizer_dir, run, 2)
     before = weights(run)
-    import minivlm.checkpoint as checkpoint
+    import minivlm.train.checkpoint as checkpoint
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
@@ -145,8 +145,8 @@ def test_ddp_zero1_two_ranks_resume_and_consolidate(shapes_dir, tiny_tokenizer_d
 
 
 def test_batch_plan_covers_each_epoch_once_and_groups_lengths():
-    from minivlm.distributed import init_distributed
-    from minivlm.trainer import BatchPlan
+    from minivlm.train.distributed import init_distributed
+    from minivlm.train.trainer import BatchPlan
     lengths = [(i * 37) % 101 for i in range(256)]
     plan = BatchPlan(lengths, 8, init_distributed(False), seed=0, group_by_length=True)
     epoch = plan.epoch_batches(0)

@@ -5,11 +5,11 @@ import torch
 from PIL import Image
 
 from conftest import tiny_vlm_config
-from minivlm.build import build_vlm
+from minivlm.models.build import build_vlm
 from minivlm.data.batch import ChatDataset, collate, expand_image_tokens
 from minivlm.data.sample import Sample
-from minivlm.tokenizer import load_tokenizer
-from minivlm.vision import ImageProcessor, choose_grid, dynamic_tiles, num_tiles
+from minivlm.data.tokenizer import load_tokenizer
+from minivlm.models.vision import ImageProcessor, choose_grid, dynamic_tiles, num_tiles
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_mask_of_the_wrong_size_names_the_record(tokenizer, tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
-    from minivlm.activation_checkpointing import enable_activation_checkpointing
+    from minivlm.train.activation_checkpointing import enable_activation_checkpointing
     torch.manual_seed(0)
     model = build_vlm(tiny_vlm_config(seg=False), tokenizer)
     make_image(tmp_path / "a.png", (32, 32), (0, 255, 0))

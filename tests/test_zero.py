@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import _zero_worker as worker
-from minivlm.distributed import init_distributed
-from minivlm.zero import ZeRO1, clip_grad_norm_, optimizer_state_bytes, partition_parameters
+from minivlm.train.distributed import init_distributed
+from minivlm.train.zero import ZeRO1, clip_grad_norm_, optimizer_state_bytes, partition_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2

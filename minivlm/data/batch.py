@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minivlm.constants import IGNORE_INDEX
 from minivlm.data.images import image_size, load_image
 from minivlm.data.sample import Sample
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -32,14 +32,15 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .images import image_size
-from .sample import FINAL_ANSWER_PREFIX, IMAGE_PLACEHOLDER, SEG_TOKEN, Sample, check_sample
+from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN, MASK_IGNORE, SEG_TOKEN
+from minivlm.data.images import image_size
+from minivlm.data.sample import Sample, check_sample
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 REASONSEG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # LISA's validation prompts (ValDataset), and one of its answer templates.
-REASONSEG_SENTENCE_PROMPT = IMAGE_PLACEHOLDER + "\n{text} Please output segmentation mask."
-REASONSEG_PHRASE_PROMPT = IMAGE_PLACEHOLDER + "\nWhat is {text} in this image? Please output segmentation mask."
+REASONSEG_SENTENCE_PROMPT = IMAGE_TOKEN + "\n{text} Please output segmentation mask."
+REASONSEG_PHRASE_PROMPT = IMAGE_TOKEN + "\nWhat is {text} in this image? Please output segmentation mask."
 REASONSEG_ANSWER = f"Sure, it is {SEG_TOKEN}."
 
 Converter = Callable[[object, str, Path], Sample]
@@ -81,15 +82,15 @@ def _resolve_image(name: str, image_dir: Path, where: str) -> Path:
 
 def _add_placeholders(turns: list[dict], num_images: int, where: str) -> list[dict]:
     """Prepend one placeholder per image to the first user turn when the text has none."""
-    found = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+    found = sum(t["content"].count(IMAGE_TOKEN) for t in turns)
     if found == 0 and num_images > 0:
         first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
         if first_user is None:
             raise ValueError(f"{where}: {num_images} image(s) but no user turn to put them in")
         turns = [dict(t) for t in turns]
-        turns[first_user]["content"] = (IMAGE_PLACEHOLDER + "\n") * num_images + turns[first_user]["content"]
+        turns[first_user]["content"] = (IMAGE_TOKEN + "\n") * num_images + turns[first_user]["content"]
     elif found != num_images:
-        raise ValueError(f"{where}: {found} {IMAGE_PLACEHOLDER} placeholder(s) in the text "
+        raise ValueError(f"{where}: {found} {IMAGE_TOKEN} placeholder(s) in the text "
                          f"but {num_images} image(s) listed")
     return turns
 
@@ -229,7 +230,7 @@ def polygons_to_mask(shapes: list, width: int, height: int, where: str = "") -> 
             if not (isinstance(point, list) and len(point) == 2 and all(_is_number(c) for c in point)):
                 raise ValueError(f"{at} ('{label}'): each point should be [x, y] numbers, found {point!r:.60}")
         corners = [(int(x), int(y)) for x, y in points]
-        value = 255 if "ignore" in label.lower() else 1
+        value = MASK_IGNORE if "ignore" in label.lower() else 1
         area = int(_draw([corners], [1], width, height).sum())
         if area == 0:
             raise ValueError(f"{at} ('{label}'): polygon covers no pixel of the {width}x{height} image")

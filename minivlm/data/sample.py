@@ -13,11 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_PLACEHOLDER = "<image>"
-SEG_TOKEN = "[SEG]"
-FINAL_ANSWER_PREFIX = "### The final answer is: "  # Chiron-o1's answer marker; eval reads what follows
-ROLES = ("system", "user", "assistant")
-MASK_VALUES = (0, 1, 255)  # background, object, ignore (LISA's convention)
+from minivlm.constants import IMAGE_TOKEN, MASK_VALUES, ROLES, SEG_TOKEN
+
 
 
 @dataclass
@@ -47,14 +44,14 @@ def check_sample(sample: Sample) -> None:
         raise ValueError(f"{where}: expected at least one user and one assistant turn, found roles {roles}")
 
     # The model splices image i's embeddings at the i-th placeholder: counts must agree exactly.
-    num_placeholders = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in sample.turns)
+    num_placeholders = sum(t["content"].count(IMAGE_TOKEN) for t in sample.turns)
     if num_placeholders != len(sample.images):
         raise ValueError(
-            f"{where}: {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text "
+            f"{where}: {num_placeholders} {IMAGE_TOKEN} placeholder(s) in the text "
             f"but {len(sample.images)} image(s) listed"
         )
-    if any(IMAGE_PLACEHOLDER in t["content"] for t in sample.turns if t["role"] == "assistant"):
-        raise ValueError(f"{where}: {IMAGE_PLACEHOLDER} in an assistant turn (images belong to user turns)")
+    if any(IMAGE_TOKEN in t["content"] for t in sample.turns if t["role"] == "assistant"):
+        raise ValueError(f"{where}: {IMAGE_TOKEN} in an assistant turn (images belong to user turns)")
 
     # The mask loss pairs the hidden state at the k-th [SEG] with the k-th mask.
     num_seg = sum(t["content"].count(SEG_TOKEN) for t in sample.turns if t["role"] == "assistant")

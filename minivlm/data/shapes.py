@@ -33,15 +33,15 @@ from pathlib import Path
 
 from minivlm.cli import add_config_args, config_from_args
 
-from .sample import FINAL_ANSWER_PREFIX, IMAGE_PLACEHOLDER
-from .shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, answer_space, referring_expressions
-from .shapes_scene import (COLOURS, KINDS, Scene, caption_scene, render, sample_scene, scene_key, scene_to_json,
+from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
+from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, answer_space, referring_expressions
+from minivlm.data.shapes_scene import (COLOURS, KINDS, Scene, caption_scene, render, sample_scene, scene_key, scene_to_json,
                            split_of)
 
 GENERATOR = "minivlm.data.shapes"
 VERSION = 1  # bump when the output changes, so cached datasets are regenerated
 PRETRAIN_PROMPTS = ("Write a short caption for the image.", "What is in the picture?")
-TWO_IMAGE_PREFIX = f"Image 1: {IMAGE_PLACEHOLDER}\nImage 2: {IMAGE_PLACEHOLDER}\n"
+TWO_IMAGE_PREFIX = f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n"
 SIMPLE_REFERRING = ("name", "colour", "kind")  # the rest need a step of reasoning
 
 
@@ -125,7 +125,7 @@ def _write_train(out: Path, seed: int, c: ShapesConfig) -> tuple[list, list]:
         pool.append((image, scene))
         prompt = writer.rng.choice(PRETRAIN_PROMPTS)
         pretrain.append({"id": f"pretrain-{i:06d}", "image": image, "task": "caption", "scene": scene_to_json(scene),
-                         "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+                         "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
                                            {"from": "gpt", "value": caption_scene(scene, c.image_size)}]})
         questions = []
         for ask in writer.rng.sample(list(SINGLE_IMAGE.values()), len(SINGLE_IMAGE)):
@@ -133,7 +133,7 @@ def _write_train(out: Path, seed: int, c: ShapesConfig) -> tuple[list, list]:
                 questions.append(q)
         sft.append({"id": f"sft-{i:06d}", "image": image, "task": "vqa", "scene": scene_to_json(scene),
                     "question_types": [q.question_type for q in questions],
-                    "conversations": _turns(f"{IMAGE_PLACEHOLDER}\n", questions)})
+                    "conversations": _turns(f"{IMAGE_TOKEN}\n", questions)})
     for j in range(c.num_train_pairs if len(pool) >= 2 else 0):
         (image_a, scene_a), (image_b, scene_b) = writer.rng.sample(pool, 2)
         questions = [q for ask in writer.rng.sample(list(TWO_IMAGE.values()), len(TWO_IMAGE))
@@ -161,7 +161,7 @@ def _write_eval(out: Path, split: str, seed: int, num_items: int, c: ShapesConfi
                 scenes = (writer.scene(),)
                 question = SINGLE_IMAGE[question_type](writer.rng, scenes[0], c.image_size)
         names = [writer.save_png(scene) for scene in scenes]
-        prefix = TWO_IMAGE_PREFIX if len(scenes) == 2 else f"{IMAGE_PLACEHOLDER}\n"
+        prefix = TWO_IMAGE_PREFIX if len(scenes) == 2 else f"{IMAGE_TOKEN}\n"
         items.append({"id": k + 1, "img_name": names if len(names) > 1 else names[0],
                       "question": prefix + question.text, "reasoning": "", "answer": question.answer,
                       "answer_type": question.answer_type, "question_type": question.question_type,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .shapes_scene import COLOURS, KINDS, Scene, Shape, describe_scene, shape_area
+from minivlm.data.shapes_scene import COLOURS, KINDS, Scene, Shape, describe_scene, shape_area
 
 DIRECTIONS = {  # name: (coordinate, sign), sign +1 means "larger coordinate wins"
     "left": ("cx", -1), "right": ("cx", +1), "top": ("cy", -1), "bottom": ("cy", +1)}

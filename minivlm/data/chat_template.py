@@ -17,7 +17,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, replace
 
-ROLES = ("system", "user", "assistant")
+from minivlm.constants import ROLES
+
 
 
 @dataclass(frozen=True)

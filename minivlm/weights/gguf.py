@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from minivlm.hf_weights import build_model
-from minivlm.transformer import Transformer, TransformerConfig
+from minivlm.weights.hf import build_model
+from minivlm.models.transformer import Transformer, TransformerConfig
 
 # llama.cpp architectures that are exactly our block. Llama's q/k rows are permuted on export.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -184,7 +184,7 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Tra
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from one GGUF file: the file carries its tokenizer as metadata."""
-    from minivlm.gguf_tokenizer import tokenizer_from_metadata
+    from minivlm.weights.gguf_tokenizer import tokenizer_from_metadata
 
     reader = open_gguf(path)
     metadata = read_metadata(reader)

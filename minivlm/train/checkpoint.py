@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_model
 
-from minivlm.distributed import DistributedEnv, barrier
+from minivlm.train.distributed import DistributedEnv, barrier
 
 LATEST = "latest"
 

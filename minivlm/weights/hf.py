@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from minivlm.transformer import Transformer, TransformerConfig
+from minivlm.models.transformer import Transformer, TransformerConfig
 
 # Architectures that are exactly our block: pre-norm RMSNorm, GQA with rotate_half RoPE, SwiGLU.
 # Qwen2 adds a bias on q/k/v; Mistral is Llama unless it uses sliding-window attention.

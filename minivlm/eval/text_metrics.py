@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from minivlm.data.sample import FINAL_ANSWER_PREFIX
+from minivlm.constants import FINAL_ANSWER_PREFIX
 
 # The reference script splits on the marker without its trailing space.
 FINAL_ANSWER_MARKER = FINAL_ANSWER_PREFIX.strip()

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from minivlm.constants import MASK_IGNORE
+
 PER_MASK_EPS = 1e-5  # LISA's `intersection_i / (union_i + 1e-5)`
 
 MaskLike = Tensor | np.ndarray
@@ -48,9 +49,9 @@ def mask_intersection_union(pred: MaskLike, gt: MaskLike, what: str = "mask") ->
     if pred.dtype != torch.bool and not ((pred == 0) | (pred == 1)).all():
         raise ValueError(f"{what} prediction: expected a binary mask of 0/1 (threshold logits at 0)")
     gt = gt.to(pred.device)
-    if not ((gt == 0) | (gt == 1) | (gt == IGNORE_INDEX)).all():
-        raise ValueError(f"{what} target: expected values 0, 1 or {IGNORE_INDEX} (ignore)")
-    valid = gt != IGNORE_INDEX
+    if not ((gt == 0) | (gt == 1) | (gt == MASK_IGNORE)).all():
+        raise ValueError(f"{what} target: expected values 0, 1 or {MASK_IGNORE} (ignore)")
+    valid = gt != MASK_IGNORE
     pred_fg = (pred != 0) & valid  # LISA sets output[target == 255] = 255: not foreground
     gt_fg = gt == 1
     intersection = int((pred_fg & gt_fg).sum())

@@ -27,10 +27,9 @@ from typing import Iterable
 import sentencepiece as spm
 import tokenizers
 
-from minivlm.chat_template import MINIVLM, ChatTemplate, get_chat_template, template_from_jinja
+from minivlm.constants import IGNORE_INDEX, IMAGE_TOKEN, SEG_TOKEN
+from minivlm.data.chat_template import MINIVLM, ChatTemplate, get_chat_template, template_from_jinja
 
-IMAGE_TOKEN = "<image>"
-SEG_TOKEN = "[SEG]"
 CONFIG_FILE = "tokenizer_config.json"
 
 
@@ -76,7 +75,7 @@ class Tokenizer:
         trained = [False] * (len(text) + 1)
         for start, end in trained_spans:
             trained[start:end] = [True] * (end - start)
-        labels = [token_id if trained[start] else -100 for token_id, start in zip(ids, starts)]
+        labels = [token_id if trained[start] else IGNORE_INDEX for token_id, start in zip(ids, starts)]
         return ids, labels
 
     # ---- saving ----

@@ -15,19 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from minivlm.build import build_vlm, load_vlm, set_trainable
+from minivlm.models.build import build_vlm, load_vlm, set_trainable
 from minivlm.cli import add_config_args, config_from_args
 from minivlm.data.batch import ChatDataset
 from minivlm.data.readers import expand_referring_texts, read_dataset
-from minivlm.distributed import DistributedEnv, init_distributed
+from minivlm.train.distributed import DistributedEnv, init_distributed
 from minivlm.lora import apply_lora, count_parameters, mark_trainable
-from minivlm.projector import ProjectorConfig
-from minivlm.seg_head import SegConfig, SegHead
-from minivlm.tokenizer import load_tokenizer
-from minivlm.trainer import TrainConfig
-from minivlm.transformer import Transformer, TransformerConfig
-from minivlm.vision import ImageProcessor, VisionConfig
-from minivlm.vlm import VLM, VLMConfig
+from minivlm.models.projector import ProjectorConfig
+from minivlm.models.seg_head import SegConfig, SegHead
+from minivlm.data.tokenizer import load_tokenizer
+from minivlm.train.trainer import TrainConfig
+from minivlm.models.transformer import Transformer, TransformerConfig
+from minivlm.models.vision import ImageProcessor, VisionConfig
+from minivlm.models.vlm import VLM, VLMConfig
 
 
 @dataclass
@@ -91,11 +91,11 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
     else:
         lm = None
         if source.lm_gguf:
-            from minivlm.gguf_weights import load_gguf
+            from minivlm.weights.gguf import load_gguf
             lm, tokenizer = load_gguf(source.lm_gguf)
             pretrained_parts.add("lm")
         elif source.lm_hf:
-            from minivlm.tokenizer import load_hf_tokenizer
+            from minivlm.data.tokenizer import load_hf_tokenizer
             lm, tokenizer = Transformer.from_hf(source.lm_hf), load_hf_tokenizer(source.lm_hf)
             pretrained_parts.add("lm")
         elif source.tokenizer:

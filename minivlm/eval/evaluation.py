@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from minivlm.data.images import image_size
 from minivlm.data.readers import REASONSEG_ANSWER
-from minivlm.data.sample import SEG_TOKEN, Sample
-from minivlm.inference import answer_samples, predict_masks, prompt_turns
-from minivlm.metrics import SegIoUAccumulator, seg_iou
-from minivlm.text_metrics import answers_match, bertscore_f1, extract_final_answer
-from minivlm.vision import ImageProcessor
+from minivlm.constants import SEG_TOKEN
+from minivlm.data.sample import Sample
+from minivlm.eval.inference import answer_samples, predict_masks, prompt_turns
+from minivlm.eval.seg_iou import SegIoUAccumulator, seg_iou
+from minivlm.eval.text_metrics import answers_match, bertscore_f1, extract_final_answer
+from minivlm.models.vision import ImageProcessor
 
 # The Chiron-o1 reference's summary keys, spelled exactly as it writes them.
 REFERENCE_ACC_KEY = "CLOSED Questions Acc"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from minivlm.transformer import Block
+from minivlm.models.transformer import Block
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivlm.prompt_encoder import NoMaskPromptEncoder
-from minivlm.two_way_transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from minivlm.models.prompt_encoder import NoMaskPromptEncoder
+from minivlm.models.two_way_transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
 __all__ = [
     "Attention", "LayerNorm2d", "MLP", "MaskDecoder", "MaskDecoderConfig", "MASK_DECODER_PRESETS",

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from minivlm.constants import MASK_IGNORE
 
 
-def split_ignore(gt_masks: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+
+def split_ignore(gt_masks: Tensor, ignore_index: int = MASK_IGNORE) -> tuple[Tensor, Tensor]:
     """(N, H, W) targets with 0/1/ignore -> float `target` (1 on the object) and `valid` (0 on ignore)."""
     valid = (gt_masks != ignore_index).float()
     target = (gt_masks == 1).float()
@@ -43,7 +44,7 @@ def _check_shapes(mask_logits: Tensor, gt_masks: Tensor, name: str) -> None:
 
 
 def sigmoid_bce_loss(
-    mask_logits: Tensor, gt_masks: Tensor, *, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+    mask_logits: Tensor, gt_masks: Tensor, *, ignore_index: int = MASK_IGNORE, reduction: str = "mean"
 ) -> Tensor:
     """Binary cross-entropy per pixel, averaged over each mask's valid pixels, then over masks."""
     _check_shapes(mask_logits, gt_masks, "sigmoid_bce_loss")
@@ -61,7 +62,7 @@ def dice_loss(
     *,
     scale: float = 1000.0,
     eps: float = 1e-6,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = MASK_IGNORE,
     reduction: str = "mean",
 ) -> Tensor:
     """1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps) per mask, with LISA's scale and eps.

@@ -19,13 +19,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from minivlm.activation_checkpointing import enable_activation_checkpointing
-from minivlm.checkpoint import (config_differences, load_optimizer_state, load_weights,
+from minivlm.train.activation_checkpointing import enable_activation_checkpointing
+from minivlm.train.checkpoint import (config_differences, load_optimizer_state, load_weights,
                                 read_config, resolve_checkpoint, restore_rng, save_checkpoint)
 from minivlm.data.batch import collate
-from minivlm.distributed import DistributedEnv, all_reduce_mean, barrier, no_sync_if, wrap_ddp
-from minivlm.schedule import cosine_warmup_lr
-from minivlm.zero import ZeRO1, clip_grad_norm_
+from minivlm.train.distributed import DistributedEnv, all_reduce_mean, barrier, no_sync_if, wrap_ddp
+from minivlm.train.schedule import cosine_warmup_lr
+from minivlm.train.zero import ZeRO1, clip_grad_norm_
 
 
 @dataclass

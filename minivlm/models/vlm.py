@@ -16,12 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.projector import ProjectorConfig, build_projector, tokens_per_tile
-from minivlm.seg_head import SegConfig, SegHead
-from minivlm.transformer import Transformer, TransformerConfig
-from minivlm.vision import VisionConfig, VisionTower
-
-IGNORE_INDEX = -100
+from minivlm.constants import IGNORE_INDEX
+from minivlm.models.projector import ProjectorConfig, build_projector, tokens_per_tile
+from minivlm.models.seg_head import SegConfig, SegHead
+from minivlm.models.transformer import Transformer, TransformerConfig
+from minivlm.models.vision import VisionConfig, VisionTower
 
 
 @dataclass

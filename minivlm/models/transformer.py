@@ -318,16 +318,16 @@ class Transformer(nn.Module):
     # Real weights: the conversions live in their own files; these are the entry points.
     @classmethod
     def from_hf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Transformer":
-        from minivlm.hf_weights import load_hf_checkpoint
+        from minivlm.weights.hf import load_hf_checkpoint
         return load_hf_checkpoint(path, dtype=dtype)
 
     def to_hf(self, path: str | Path) -> None:
-        from minivlm.hf_weights import save_hf_checkpoint
+        from minivlm.weights.hf import save_hf_checkpoint
         save_hf_checkpoint(self, path)
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Transformer":
-        from minivlm.gguf_weights import load_gguf_model
+        from minivlm.weights.gguf import load_gguf_model
         return load_gguf_model(path, dtype=dtype)
 
 

@@ -5,11 +5,11 @@ import dataclasses
 
 import torch
 
-from minivlm.checkpoint import load_weights, read_config, resolve_checkpoint
+from minivlm.train.checkpoint import load_weights, read_config, resolve_checkpoint
 from minivlm.lora import apply_lora, merge_and_unload
-from minivlm.tokenizer import load_tokenizer
-from minivlm.transformer import Transformer
-from minivlm.vlm import VLM, VLMConfig
+from minivlm.data.tokenizer import load_tokenizer
+from minivlm.models.transformer import Transformer
+from minivlm.models.vlm import VLM, VLMConfig
 
 PARTS = ("vision", "projector", "lm", "seg")
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig, build_mask_decoder,
+from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig, build_mask_decoder,
                                   load_sam_mask_decoder)
-from minivlm.seg_losses import dice_loss, sigmoid_bce_loss
+from minivlm.models.seg_losses import dice_loss, sigmoid_bce_loss
 
 
 @dataclass

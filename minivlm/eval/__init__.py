@@ -1,0 +1,1 @@
+"""Evaluation: generation on samples, VQA and segmentation loops, metrics, and the judge."""

@@ -1,0 +1,1 @@
+"""Real weights in and out: Hugging Face and GGUF language models, PEFT adapters."""
