@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from minivlm.models.build import load_vlm
-from minivlm.train.checkpoint import resolve_checkpoint, write_text_atomic
+from minivlm.files import write_text_atomic
+from minivlm.train.checkpoint import resolve_checkpoint
 from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
 from minivlm.data.readers import read_chiron_eval, read_reasonseg_dir

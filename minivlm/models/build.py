@@ -11,9 +11,6 @@ from minivlm.data.tokenizer import load_tokenizer
 from minivlm.models.transformer import Transformer
 from minivlm.models.vlm import VLM, VLMConfig
 
-PARTS = ("vision", "projector", "lm", "seg")
-
-
 def build_vlm(config: VLMConfig, tokenizer, lm: Transformer | None = None) -> VLM:
     """A VLM whose vocabulary matches `tokenizer` (a pretrained `lm` gets its embeddings resized
     for the tokens we add, such as <image> and [SEG])."""
@@ -52,16 +49,3 @@ def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False)
         run_config = dict(run_config, lora=None)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     return model.to(device), tokenizer, run_config
-
-
-def set_trainable(model: VLM, parts: set[str]) -> None:
-    """Freeze everything, then unfreeze the named parts (see PARTS)."""
-    unknown = parts - set(PARTS)
-    if unknown:
-        raise ValueError(f"--train: unknown part(s) {sorted(unknown)}; expected some of {PARTS}")
-    model.requires_grad_(False)
-    modules = dict(vision=model.vision, projector=model.projector, lm=model.lm,
-                   seg=model.seg_head)
-    for part in parts:
-        if modules[part] is not None:
-            modules[part].requires_grad_(True)

@@ -19,15 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_model
 
+from minivlm.files import write_text_atomic
 from minivlm.train.distributed import DistributedEnv, barrier
 
 LATEST = "latest"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: str | Path, step: int, *, model, config: dict, tokenizer,

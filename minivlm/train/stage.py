@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minivlm.models.build import build_vlm, load_vlm, set_trainable
+from minivlm.models.build import build_vlm, load_vlm
 from minivlm.cli import add_config_args, config_from_args
 from minivlm.data.batch import ChatDataset
 from minivlm.data.readers import expand_referring_texts, read_dataset
@@ -24,6 +24,7 @@ from minivlm.lora import apply_lora, count_parameters, mark_trainable
 from minivlm.models.projector import ProjectorConfig
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.data.tokenizer import load_tokenizer
+from minivlm.train.trainable import set_trainable
 from minivlm.train.trainer import TrainConfig
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import ImageProcessor, VisionConfig
