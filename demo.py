@@ -26,21 +26,13 @@ import train_sft
 from minivlm.data.shapes import ShapesConfig, generate
 from minivlm.train_tokenizer import main as train_tokenizer
 
-# Sizes of each stage: the full recipe for a 2-core CPU, and a smoke-test one.
+# Sizes of each stage: the full recipe for a 2-core CPU, and a smoke-test one. The model's sizes
+# are presets (minivlm/models/presets.py), so a training script can rebuild them by name.
 RECIPES = {
     "full": dict(vocab=640, pretrain_steps=300, sft_steps=1400, seg_steps=300, batch=32,
-                 eval_items=400, seg_items=200, model=[
-                     "--lm-dim", "128", "--lm-num-layers", "4", "--lm-num-heads", "4",
-                     "--lm-num-kv-heads", "2", "--lm-hidden-dim", "384",
-                     "--lm-max-seq-len", "512", "--vision-width", "128", "--vision-layers", "3",
-                     "--vision-head-width", "32", "--vision-patch-size", "4"]),
+                 eval_items=400, seg_items=200, model_preset="demo"),
     "quick": dict(vocab=360, pretrain_steps=2, sft_steps=2, seg_steps=2, batch=4,
-                  eval_items=8, seg_items=3, model=[
-                      "--lm-dim", "32", "--lm-num-layers", "1", "--lm-num-heads", "2",
-                      "--lm-num-kv-heads", "1", "--lm-hidden-dim", "64",
-                      "--lm-max-seq-len", "512", "--vision-width", "32", "--vision-layers", "1",
-                      "--vision-head-width", "16", "--vision-patch-size", "8",
-                      "--seg-decoder-dim", "16", "--seg-decoder-mlp-dim", "32"]),
+                  eval_items=8, seg_items=3, model_preset="demo-quick"),
 }
 
 
@@ -76,7 +68,7 @@ def main(argv=None) -> dict:
     stage("pretrain", train_pretrain.main, [
         "--data", f"{data}/pretrain.json", "--tokenizer", str(runs / "tokenizer"),
         "--out-dir", str(runs / "pretrain"), "--max-steps", str(recipe["pretrain_steps"]),
-        *recipe["model"], *common])
+        "--model-preset", recipe["model_preset"], *common])
     stage("sft", train_sft.main, [
         "--init-from", str(runs / "pretrain"), "--data", f"{data}/sft.json",
         "--out-dir", str(runs / "sft"), "--max-steps", str(recipe["sft_steps"]), *common])

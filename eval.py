@@ -1,15 +1,18 @@
-"""Evaluate a checkpoint: VQA (closed accuracy, BERTScore F1) or reasoning segmentation (gIoU, cIoU).
+"""Evaluate a checkpoint: VQA (closed accuracy, BERTScore F1) or reasoning segmentation (gIoU,
+cIoU).
 
-VQA, on a Chiron-o1 eval JSON (the flags of the Chiron-o1 eval script work too, underscores and all):
+VQA, on a Chiron-o1 eval JSON (the flags of the Chiron-o1 eval script work too, underscores and
+all; a judge reads its API key from $MINIVLM_JUDGE_API_KEY):
 
-    python eval.py --vqa-json-path data/shapes/eval.json --model-path runs/sft --output-path out.json
+    python eval.py --vqa-json-path data/shapes/eval.json --model-path runs/sft \
+        --output-path out.json
     python eval.py --vqa_json_path eval_data.json --image_dir images/ --model_path runs/sft \
-        --output_path out.json [--judge-url https://api.deepseek.com]   # key in $MINIVLM_JUDGE_API_KEY
+        --output_path out.json [--judge-url https://api.deepseek.com]
 
 Segmentation, on a ReasonSeg folder (NAME.jpg + NAME.json), with masks and overlays of 8 items:
 
-    python eval.py --seg-dir data/shapes/reasonseg/test --model-path runs/seg --output-path seg.json \
-        --save-examples 8
+    python eval.py --seg-dir data/shapes/reasonseg/test --model-path runs/seg \
+        --output-path seg.json --save-examples 8
 
 The output file is a JSON list: one record per item, then the summary. The VQA summary starts with
 the reference's "CLOSED Questions Acc" and "OPEN   Questions BERTScore-F1", computed as its script
@@ -37,41 +40,53 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minivlm.models.build import load_vlm
-from minivlm.files import write_text_atomic
-from minivlm.train.checkpoint import resolve_checkpoint
 from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
-from minivlm.data.readers import read_chiron_eval, read_reasonseg_dir
-from minivlm.eval.evaluation import (BertScoreConfig, add_bertscore, iter_seg_batches,
-                                iter_vqa_batches, question_text, summarize_seg, summarize_vqa)
+from minivlm.data.readers import read_chiron_eval
+from minivlm.data.reasonseg import read_reasonseg_dir
 from minivlm.eval.inference import mask_overlay
 from minivlm.eval.judge import REFERENCE_URL, Judge, JudgeConfig
+from minivlm.eval.loop import question_text
+from minivlm.eval.segmentation import ANSWER_MODES, iter_seg_batches, summarize_seg
+from minivlm.eval.vqa import BertScoreConfig, add_bertscore, iter_vqa_batches, summarize_vqa
+from minivlm.files import write_text_atomic
+from minivlm.weights.checkpoint import load_vlm, resolve_checkpoint
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--vqa-json-path", help="Chiron-o1 eval JSON (VQA mode)")
-    mode.add_argument("--seg-dir", help="ReasonSeg folder of NAME.jpg + NAME.json (segmentation mode)")
-    parser.add_argument("--image-dir", help="where img_name paths start (default: the JSON's folder)")
-    parser.add_argument("--model-path", required=True, help="checkpoint directory or run directory")
-    parser.add_argument("--output-path", required=True, help="results JSON (records, then the summary)")
+    mode.add_argument("--seg-dir",
+                      help="ReasonSeg folder of NAME.jpg + NAME.json (segmentation mode)")
+    parser.add_argument("--image-dir",
+                        help="where img_name paths start (default: the JSON's folder)")
+    parser.add_argument("--model-path", required=True,
+                        help="checkpoint directory or run directory")
+    parser.add_argument("--output-path", required=True,
+                        help="results JSON (records, then the summary)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int,
                         help="VQA: default 1024 (the reference's); segmentation: default 32")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (0: all)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="evaluate only the first N items (0: all)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-path")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda:0, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
     parser.add_argument("--save-examples", type=int, default=0, metavar="N",
                         help="segmentation: save mask PNGs and red overlays of the first N items")
     parser.add_argument("--examples-dir", help="default: <output-path without .json>_examples")
-    parser.add_argument("--seg-answer", choices=("generated", "teacher_forced"), default="generated",
-                        help="segmentation: masks from the model's own answer (default, as in chat) "
-                             "or from LISA's fed-in \"Sure, it is [SEG].\" (LISA's validation)")
-    parser.add_argument("--api-key", help="judge API key (Chiron compatibility; prefer the environment "
-                                          "variable named by --judge-api-key-env: a flag shows in `ps`)")
+    parser.add_argument("--seg-answer", choices=ANSWER_MODES, default="generated",
+                        help="segmentation: masks from the model's own answer (default, as in "
+                             "chat) or from LISA's fed-in \"Sure, it is [SEG].\" (LISA's "
+                             "validation)")
+    parser.add_argument("--api-key",
+                        help="judge API key (Chiron compatibility; prefer the environment "
+                             "variable named by --judge-api-key-env: a flag shows in `ps`)")
     add_config_args(parser, JudgeConfig, prefix="judge")
     add_config_args(parser, BertScoreConfig, prefix="bertscore")
     return parser.parse_args(underscore_aliases(sys.argv[1:] if argv is None else argv))
@@ -98,7 +113,8 @@ def load_model(path: str, device: str):
         model, tokenizer, _ = load_vlm(path, device=device, merge_lora=True)
     except Exception as error:  # corrupt weights, bad config...: one line naming the checkpoint
         detail = " ".join(str(error).split())[:200] or type(error).__name__
-        raise ValueError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {detail})") from None
+        raise ValueError(f"{path}: cannot load the checkpoint "
+                         f"({type(error).__name__}: {detail})") from None
     return model.eval(), tokenizer
 
 
@@ -109,14 +125,16 @@ def read_previous(path: Path, samples: list, settings: dict) -> dict[int, dict]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: cannot resume, not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise ValueError(f"{path}: cannot resume, not valid JSON "
+                         f"({error.msg} at line {error.lineno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: cannot resume, expected a JSON list of records")
     summary = data[-1] if data and isinstance(data[-1], dict) and "settings" in data[-1] else {}
     for key, value in summary.get("settings", {}).items():
         if settings.get(key) != value:
-            raise ValueError(f"{path}: cannot resume, it was made with {key}={value!r}, this run has "
-                             f"{settings.get(key)!r} (drop --resume to start again)")
+            raise ValueError(f"{path}: cannot resume, it was made with {key}={value!r}, "
+                             f"this run has {settings.get(key)!r} "
+                             "(drop --resume to start again)")
     previous = {}
     for record in data:
         if not (isinstance(record, dict) and "index" in record):
@@ -124,8 +142,8 @@ def read_previous(path: Path, samples: list, settings: dict) -> dict[int, dict]:
         index = record["index"]
         if not (isinstance(index, int) and 0 <= index < len(samples)
                 and record.get("question") == question_text(samples[index])):
-            raise ValueError(f"{path}: cannot resume, record {index} does not match item {index} of the "
-                             "data (drop --resume to start again)")
+            raise ValueError(f"{path}: cannot resume, record {index} does not match item "
+                             f"{index} of the data (drop --resume to start again)")
         previous[index] = record
     return previous
 
@@ -136,7 +154,8 @@ def write_results(path: Path, records: dict[int, dict], summary: dict) -> None:
     write_text_atomic(path, json.dumps(items + [summary], indent=1, ensure_ascii=False) + "\n")
 
 
-def save_example(folder: Path, record: dict, image_path: Path, predicted: list, targets: list) -> None:
+def save_example(folder: Path, record: dict, image_path: Path, predicted: list,
+                 targets: list) -> None:
     """Per [SEG]: the predicted mask (white on black), the target, and a red overlay of the
     prediction on the image."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,9 +184,11 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.seg_dir or args.vqa_json_path}: no items to evaluate")
     judge = None if seg_mode else make_judge(args)
     bertscore = config_from_args(args, BertScoreConfig, "bertscore")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = (("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+              else args.device)
     # What changes the per-item results: a resumed run must not mix two of them.
-    settings = {"mode": "seg" if seg_mode else "vqa", "data": str(Path(args.seg_dir or args.vqa_json_path).resolve()),
+    settings = {"mode": "seg" if seg_mode else "vqa",
+                "data": str(Path(args.seg_dir or args.vqa_json_path).resolve()),
                 "model_path": str(resolve_checkpoint(args.model_path).resolve()),
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
                 "matcher": f"judge:{judge.model}" if judge else "normalized_exact_match",
@@ -217,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, OSError) as error:  # bad data, checkpoint, judge or output path: one line
         print(f"eval.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=1))
+    scalars = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    print(json.dumps(scalars, indent=1))
     return summary
 
 

@@ -2,27 +2,30 @@
 
 The hidden state that predicts [SEG] prompts a SAM-style mask decoder; loss = CE x 1.0 +
 BCE x 2.0 + Dice x 0.5. Trains LoRA adapters + text_hidden_fcs + the mask decoder (+ the
-embeddings of new tokens) by default, on a hybrid of datasets drawn with `--sample-rates`
-(reason_seg, vqa and caption data keep the model's language while it learns masks). Usage:
+embeddings of new tokens; the list is trainable.SEG_LORA_EXTRAS) by default, on a hybrid of
+datasets drawn with `--sample-rates` (reason_seg, vqa and caption data keep the model's language
+while it learns masks). Usage:
 
     python train_seg.py --init-from runs/sft \
         --data data/shapes/reasonseg/train,data/shapes/sft.json,data/shapes/pretrain.json \
         --sample-rates 6,3,1 --val-data data/shapes/reasonseg/val --out-dir runs/seg
-    torchrun --nproc_per_node 2 train_seg.py --ddp --init-from runs/sft --data ... --sample-rates ...
+    torchrun --nproc_per_node 2 train_seg.py --ddp --init-from runs/sft --data ... \
+        --sample-rates ...
 """
 import sys
 
 from minivlm.data.mixture import MixtureDataset
 from minivlm.data.readers import read_dataset
+from minivlm.eval.segmentation import seg_metrics
 from minivlm.train.distributed import cleanup
 from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.train.trainable import SEG_LORA_EXTRAS
 from minivlm.train.trainer import Trainer
 
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__, argv, train_defaults=dict(out_dir="runs/seg", lr=1e-3),
-                      lora_defaults=dict(r=8, train_extra="text_hidden_fcs,mask_decoder,"
-                                         "image_to_mask,lm_head,embed_tokens"))
+                      lora_defaults=dict(r=8, train_extra=",".join(SEG_LORA_EXTRAS)))
     env = start(args)
     model, tokenizer, run_config = prepare_model(args, env, "seg", auto_parts={"seg"},
                                                  with_seg=True)
@@ -34,14 +37,13 @@ def main(argv=None) -> dict:
     train_set = MixtureDataset(datasets, rates, length=max(sum(map(len, datasets)),
                                                            c.max_steps * c.batch_size),
                                seed=c.seed)
-    evaluate = None
+    validate = None
     if c.val_data:
-        from minivlm.eval.evaluation import seg_metrics
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 
-        def evaluate(m):
+        def validate(m):
             return seg_metrics(m, tokenizer, val_samples)
-    results = Trainer(model, tokenizer, train_set, c, env, run_config, evaluate).fit()
+    results = Trainer(model, tokenizer, train_set, c, env, run_config, validate).fit()
     cleanup(env)
     return results
 

@@ -12,6 +12,7 @@ closed-question accuracy every `--eval-every` steps. Usage:
 import sys
 
 from minivlm.data.readers import read_dataset
+from minivlm.eval.vqa import vqa_metrics
 from minivlm.train.distributed import cleanup
 from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
 from minivlm.train.trainer import Trainer
@@ -23,16 +24,15 @@ def main(argv=None) -> dict:
     model, tokenizer, run_config = prepare_model(args, env, "sft",
                                                  auto_parts={"projector", "lm"})
     (train_set,) = load_training_data(args.train_config.data, args, model, tokenizer, env)
-    evaluate = None
+    validate = None
     if args.train_config.val_data:
-        from minivlm.eval.evaluation import vqa_metrics
         c = args.train_config
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 
-        def evaluate(m):
+        def validate(m):
             return vqa_metrics(m, tokenizer, val_samples)
     results = Trainer(model, tokenizer, train_set, args.train_config, env, run_config,
-                      evaluate).fit()
+                      validate).fit()
     cleanup(env)
     return results
 

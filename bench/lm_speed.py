@@ -52,7 +52,8 @@ SIZES = {
 
 def hf_twin(model: Transformer) -> transformers.LlamaForCausalLM:
     """transformers' Llama holding the very same weights (HF name = "model." + ours)."""
-    hf_config = transformers.LlamaConfig(**config_to_hf(model.config), attn_implementation="sdpa")
+    hf_config = transformers.LlamaConfig(**config_to_hf(model.config.to_dict()),
+                                         attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(hf_config)
     state = {(name if name == "lm_head.weight" else "model." + name): tensor
              for name, tensor in model.state_dict().items()}

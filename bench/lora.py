@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minivlm.lora import apply_lora, count_parameters  # noqa: E402
+from minivlm.lora import apply_lora  # noqa: E402
 from minivlm.models.transformer import Transformer, TransformerConfig  # noqa: E402
+from minivlm.train.trainable import count_parameters  # noqa: E402
 
 
 @dataclass

@@ -100,20 +100,23 @@ def run_rank(rank: int, config: BenchConfig, port: int) -> None:
                 step_times[name].append(statistics.median(steps))
                 iteration_times[name].append(statistics.median(iterations))
 
-    state_bytes = torch.tensor([optimizer_state_bytes(opt) for _, opt in runs.values()], dtype=torch.float64)
+    state_bytes = torch.tensor([optimizer_state_bytes(opt) for _, opt in runs.values()],
+                               dtype=torch.float64)
     all_state_bytes = [torch.zeros_like(state_bytes) for _ in range(env.world_size)]
     dist.all_gather(all_state_bytes, state_bytes)
     if env.is_main:
         params = sum(p.numel() for p in build_model(config).parameters())
         print(f"{params / 1e6:.1f}M parameters, {env.world_size} ranks (gloo, CPU), "
-              f"{config.rounds} rounds x {config.steps_per_round} steps, medians of the slowest rank")
+              f"{config.rounds} rounds x {config.steps_per_round} steps, "
+              "medians of the slowest rank")
         print(f"{'':32s} {'state MB/rank (max)':>20s} {'step ms':>9s} {'iteration ms':>13s}")
         for i, name in enumerate(runs):
             mb = max(b[i].item() for b in all_state_bytes) / 2**20
             step_ms = statistics.median(step_times[name]) * 1e3
             iteration_ms = statistics.median(iteration_times[name]) * 1e3
             print(f"{name:32s} {mb:20.1f} {step_ms:9.1f} {iteration_ms:13.1f}")
-        ours, theirs = statistics.median(step_times["DDP + ZeRO1 (ours)"]), statistics.median(step_times["DDP + torch ZeRO"])
+        ours = statistics.median(step_times["DDP + ZeRO1 (ours)"])
+        theirs = statistics.median(step_times["DDP + torch ZeRO"])
         print(f"ZeRO1 / torch ZeRO step time: {ours / theirs:.2f} (goal <= 1.1)")
     cleanup(env)
 

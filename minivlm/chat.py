@@ -2,7 +2,8 @@
 
     python -m minivlm.chat --model-path runs/demo/runs/seg --image cat.png \
         --prompt "Segment the shape with the same colour as the triangle." --out-dir chat_out
-    python -m minivlm.chat --gguf SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
+    python -m minivlm.chat --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
+        --prompt "What is the capital of France?"
 
 Without --prompt it reads prompts line by line from standard input (one conversation, so earlier
 turns stay in context). For every [SEG] the answer contains, writes NAME_seg{k}_mask.png (white on
@@ -18,18 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minivlm.data.images import load_image
 from minivlm.constants import IMAGE_TOKEN
+from minivlm.data.image_processor import ImageProcessor
+from minivlm.data.images import load_image
 from minivlm.data.sample import Sample
-from minivlm.eval.inference import answer_samples, mask_overlay, predict_masks
-from minivlm.models.vision import ImageProcessor
+from minivlm.eval.inference import answer_samples, mask_overlay, segment_samples
+from minivlm.weights.gguf_loader import load_gguf
+from minivlm.weights.checkpoint import load_vlm
 
 
 class VLMChat:
     """A conversation with a minivlm checkpoint: `ask` appends a turn and returns the answer."""
 
     def __init__(self, model_path: str, device: str, image: str | None, max_new_tokens: int):
-        from minivlm.models.build import load_vlm
         self.model, self.tokenizer, _ = load_vlm(model_path, device, merge_lora=True)
         self.model.eval()
         self.processor = ImageProcessor.for_tower(self.model.vision)
@@ -49,9 +51,9 @@ class VLMChat:
         if self.model.seg_head is not None and self.images and \
                 self.tokenizer.seg_token_id in self.tokenizer.encode(answer):
             # Masks of this turn's [SEG]s: the last ones in the whole conversation.
-            all_masks = predict_masks(self.model, self.tokenizer, self.processor,
-                                      [Sample(images=self.images, turns=self.turns[:-1],
-                                              source="chat")], [answer])[0]
+            all_masks = segment_samples(self.model, self.tokenizer, self.processor,
+                                        [Sample(images=self.images, turns=self.turns[:-1],
+                                                source="chat")], [answer])[0]
             count = self.tokenizer.encode(answer).count(self.tokenizer.seg_token_id)
             masks = [m.numpy() for m in all_masks[-count:]]
         return answer, masks
@@ -61,7 +63,6 @@ class TextChat:
     """A plain language model from a GGUF file: text in, text out, through our KV-cache generate."""
 
     def __init__(self, gguf_path: str, device: str, max_new_tokens: int):
-        from minivlm.weights.gguf import load_gguf
         self.model, self.tokenizer = load_gguf(gguf_path)
         self.model.to(device).eval()
         self.turns: list[dict] = []
@@ -109,8 +110,9 @@ def main(argv=None) -> list[str]:
             stem = f"{Path(args.image).stem}_turn{turn}"
             for k, mask in enumerate(masks):
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_seg{k}_mask.png")
-                mask_overlay(image, mask).save(out / f"{stem}_seg{k}_overlay.png")
-                print(f"  [SEG] {k}: {int(mask.sum())} pixels -> {out / f'{stem}_seg{k}_overlay.png'}")
+                overlay = out / f"{stem}_seg{k}_overlay.png"
+                mask_overlay(image, mask).save(overlay)
+                print(f"  [SEG] {k}: {int(mask.sum())} pixels -> {overlay}")
     return answers
 
 

@@ -44,6 +44,12 @@ def add_config_args(parser: argparse.ArgumentParser, config_class, prefix: str =
                                metavar=kind.__name__.upper())
 
 
+def set_config_defaults(parser: argparse.ArgumentParser, prefix: str, values: dict) -> None:
+    """New defaults for flags that `add_config_args` made (a preset's sizes): a flag the user
+    gives still wins when the parser runs again."""
+    parser.set_defaults(**{_dest(prefix, name): value for name, value in values.items()})
+
+
 def config_from_args(args: argparse.Namespace, config_class, prefix: str = "", **extra):
     values = {f.name: getattr(args, _dest(prefix, f.name))
               for f in dataclasses.fields(config_class)

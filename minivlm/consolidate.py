@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from minivlm.train.checkpoint import resolve_checkpoint
+from minivlm.files import atomic_path
+from minivlm.weights.checkpoint import resolve_checkpoint
 from minivlm.train.zero import merge_shards
 
 
@@ -28,9 +29,8 @@ def consolidate(path) -> str:
                          "incomplete and cannot be consolidated")
     shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     out = ckpt / "optimizer_full.pt"
-    tmp = ckpt / ".optimizer_full.pt.tmp"
-    torch.save(merge_shards(shards) if state.get("sharded_optimizer") else shards[0], tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        torch.save(merge_shards(shards) if state.get("sharded_optimizer") else shards[0], tmp)
     return str(out)
 
 

@@ -9,6 +9,6 @@ SEG_TOKEN = "[SEG]"  # LISA: the hidden state that predicts it prompts the mask 
 ROLES = ("system", "user", "assistant")
 FINAL_ANSWER_PREFIX = "### The final answer is: "  # Chiron-o1's answer marker; eval reads after it
 
-IGNORE_INDEX = -100  # label of a token the loss skips (prompt, image rows, padding): torch's default
+IGNORE_INDEX = -100  # label the loss skips (prompt, image rows, padding): torch's default
 MASK_IGNORE = 255  # pixel label the mask losses and IoU skip (LISA's "ignore" regions)
 MASK_VALUES = (0, 1, MASK_IGNORE)  # background, object, ignore

@@ -15,55 +15,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_model
 
-from minivlm.weights.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
-from minivlm.weights.gguf import model_from_reader, open_gguf, read_metadata
-from minivlm.weights.hf import save_hf_checkpoint
+from minivlm.data.tokenizer import load_tokenizer
+from minivlm.files import atomic_path, write_json_atomic
 from minivlm.models.transformer import Transformer, TransformerConfig
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+from minivlm.weights.gguf import read_gguf_checkpoint
+from minivlm.weights.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
 
 
 def save_minivlm(model: Transformer, tokenizer, out: Path) -> None:
-    from safetensors.torch import save_model
-
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors.tmp"))  # stores tied lm_head once
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_model(model, str(tmp))  # stores tied lm_head once
     tokenizer.save(out / "tokenizer")
     write_json_atomic(out / "config.json", {"lm": model.config.to_dict()})
 
 
 def load_converted(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a directory written by `--out`."""
-    from minivlm.train.checkpoint import load_weights
-    from minivlm.data.tokenizer import load_tokenizer
-
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     if "lm" not in config:
         raise ValueError(f"{path / 'config.json'}: no 'lm' section; expected a directory "
                          "written by `python -m minivlm.convert --out`")
-    model = Transformer(TransformerConfig(**config["lm"]))
-    load_weights(model, path / "model.safetensors")
-    return model.to(dtype).eval(), load_tokenizer(path / "tokenizer")
+    weights = path / "model.safetensors"
+    model = Transformer.from_state_dict(TransformerConfig(**config["lm"]), load_file(weights),
+                                        dtype, str(weights))
+    return model, load_tokenizer(path / "tokenizer")
 
 
 def save_hf(model: Transformer, metadata: dict, out: Path, source: str) -> None:
-    """Weights through `save_hf_checkpoint`; the tokenizer as the GGUF describes it, without the
+    """Weights through `Transformer.to_hf`; the tokenizer as the GGUF describes it, without the
     tokens minivlm adds ("<image>", "[SEG]"), so transformers sees the original model."""
-    save_hf_checkpoint(model, out)
-    backend = build_gguf_tokenizer(metadata, source)
-    backend.save(str(out / "tokenizer.json.tmp"))
-    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+    model.to_hf(out)
+    with atomic_path(out / "tokenizer.json") as tmp:
+        build_gguf_tokenizer(metadata, source).save(str(tmp))
     tokens = metadata["tokenizer.ggml.tokens"]
     ids = {name: metadata.get(f"tokenizer.ggml.{name}_token_id")
            for name in ("bos", "eos", "padding", "unknown")}
@@ -89,9 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out is None and args.hf_out is None:
         parser.error("pass --out DIR and/or --hf-out DIR")
-    reader = open_gguf(args.gguf)
-    metadata = read_metadata(reader)
-    model = model_from_reader(reader, metadata, getattr(torch, args.dtype), str(args.gguf))
+    config, state, metadata = read_gguf_checkpoint(args.gguf)
+    model = Transformer.from_state_dict(TransformerConfig(**config), state,
+                                        getattr(torch, args.dtype), str(args.gguf))
+    del state  # the model holds a copy: not two of them in memory while saving
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{args.gguf}: {metadata['general.architecture']}, {params:.0f}M parameters, "
           f"{model.config.num_layers} layers, vocabulary {model.config.vocab_size}")

@@ -1,7 +1,8 @@
 """The shared fixtures load back: the tiny checkpoint is a real, loadable VLM."""
 import torch
 
-from minivlm.models.build import load_vlm
+from minivlm.weights.checkpoint import load_vlm
+
 
 
 def test_tiny_checkpoint_loads_with_identical_weights(tiny_checkpoint):

@@ -14,7 +14,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from minivlm.data.chat_template import CHATML
 from minivlm.weights.gguf_tokenizer import load_gguf_tokenizer
-from minivlm.weights.gguf import load_gguf, open_gguf
+from minivlm.weights.gguf import open_gguf
+from minivlm.weights.gguf_loader import load_gguf
 from minivlm.models.transformer import Transformer, TransformerConfig
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0

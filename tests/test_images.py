@@ -8,8 +8,7 @@ from PIL import Image
 
 from minivlm.data.images import ImageError, image_size, load_image
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_fixtures = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def pixel(image: Image.Image, x: int, y: int) -> tuple:
@@ -64,7 +63,8 @@ def test_palette_without_transparency_and_gray_modes(tmp_path):
     Image.fromarray(np.array([[77, 250]], dtype=np.uint8), "L").save(tmp_path / "l.png")
     assert pixel(load_image(tmp_path / "l.png"), 0, 0) == (77, 77, 77)
 
-    Image.fromarray(np.array([[0, 255]], dtype=np.uint8), "L").convert("1").save(tmp_path / "one.png")
+    Image.fromarray(np.array([[0, 255]], dtype=np.uint8), "L").convert("1").save(
+        tmp_path / "one.png")
     one = load_image(tmp_path / "one.png")
     assert (pixel(one, 0, 0), pixel(one, 1, 0)) == ((0, 0, 0), (255, 255, 255))
 
@@ -89,9 +89,11 @@ def test_16_bit_is_stretched_by_its_range_not_clipped(tmp_path):
 
 def test_int32_and_float_stretched(tmp_path):
     Image.fromarray(np.array([[-1000, 0, 3000]], dtype=np.int32), "I").save(tmp_path / "i.tif")
-    assert [pixel(load_image(tmp_path / "i.tif"), x, 0)[0] for x in range(3)] == [0, round(1000 * 255 / 4000), 255]
+    assert [pixel(load_image(tmp_path / "i.tif"), x, 0)[0] for x in range(3)] == [
+        0, round(1000 * 255 / 4000), 255]
     Image.fromarray(np.array([[0.5, 0.75, 1.5]], dtype=np.float32), "F").save(tmp_path / "f.tif")
-    assert [pixel(load_image(tmp_path / "f.tif"), x, 0)[0] for x in range(3)] == [0, round(0.25 * 255), 255]
+    assert [pixel(load_image(tmp_path / "f.tif"), x, 0)[0] for x in range(3)] == [
+        0, round(0.25 * 255), 255]
     Image.fromarray(np.full((2, 2), 700, dtype=np.uint16)).save(tmp_path / "flat.png")
     assert pixel(load_image(tmp_path / "flat.png"), 0, 0) == (0, 0, 0)  # no range: black
 
@@ -116,7 +118,8 @@ def test_errors_name_the_file_in_one_line(tmp_path):
     assert str(error.value).startswith(f"{text}: ") and "\n" not in str(error.value)
 
     good = tmp_path / "good.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(good)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ImageError) as error:
@@ -124,12 +127,11 @@ def test_errors_name_the_file_in_one_line(tmp_path):
     assert str(error.value).startswith(f"{truncated}: ") and "\n" not in str(error.value)
 
 
-@needs_fixtures
 def test_fixture_images_load_as_rgb():
-    palette = SHARED_DATA / "chiron_o1_eval/images/156702/x-ray_group1/0.png"
-    rgba = SHARED_DATA / "chiron_o1_eval/images/197850/x-ray_group1/0.png"
-    gray_jpeg = SHARED_DATA / "chiron_o1_eval/images/197271/ct_group1/0.jpeg"
-    rgb_jpeg = SHARED_DATA / "chiron_o1_eval/images/185438/mri_group1/0.jpeg"
+    palette = FIXTURES / "chiron_o1_eval/images/156702/x-ray_group1/0.png"
+    rgba = FIXTURES / "chiron_o1_eval/images/197850/x-ray_group1/0.png"
+    gray_jpeg = FIXTURES / "chiron_o1_eval/images/197271/ct_group1/0.jpeg"
+    rgb_jpeg = FIXTURES / "chiron_o1_eval/images/185438/mri_group1/0.jpeg"
     assert Image.open(palette).mode == "P" and Image.open(rgba).mode == "RGBA"
 
     loaded = load_image(palette)

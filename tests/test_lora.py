@@ -8,10 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minivlm.lora import (LoRALinear, apply_lora, count_parameters, load_lora_state_dict,
-                          load_peft_adapter, lora_modules, lora_state_dict, mark_trainable,
-                          merge_and_unload, merge_lora, save_peft_adapter, unmerge_lora)
+from minivlm.lora import (LoRALinear, apply_lora, lora_modules, merge_and_unload, merge_lora,
+                          unmerge_lora)
 from minivlm.models.transformer import Transformer
+from minivlm.train.trainable import count_parameters, mark_trainable
+from minivlm.weights.peft import load_peft_adapter, save_peft_adapter
 from test_transformer import hf_llama_from, tiny_config
 
 TARGETS = ["q_proj", "v_proj", "gate_proj"]
@@ -161,22 +162,6 @@ def test_only_the_intended_parameters_train():
     mark_trainable(tied, extra=("lm_head",))  # tied: naming lm_head trains the shared embedding
     assert tied.lm_head.weight is tied.embed_tokens.weight
     assert tied.embed_tokens.weight.requires_grad
-
-
-def test_lora_state_dict_round_trip():
-    model, _ = base_and_hf()
-    apply_lora(model, targets=("mlp",))
-    randomize_adapters(model, seed=3)
-    mark_trainable(model, extra=("norm",))
-    state = lora_state_dict(model, extras=True)
-    assert all("lora_" in k for k in lora_state_dict(model)) and "norm.weight" in state
-    fresh, _ = base_and_hf()
-    apply_lora(fresh, targets=("mlp",))
-    load_lora_state_dict(fresh, state)
-    ids = torch.randint(0, 97, (1, 8))
-    torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="missing adapter keys"):
-        load_lora_state_dict(Transformer(tiny_config()), state)
 
 
 @pytest.mark.parametrize("tied", [False, True])

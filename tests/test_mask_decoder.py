@@ -16,7 +16,9 @@ from minivlm.models.mask_decoder import (
 )
 from minivlm.models.prompt_encoder import PositionEmbeddingRandom
 
-TINY = MaskDecoderConfig(transformer_dim=32, depth=2, num_heads=4, mlp_dim=64, iou_head_hidden_dim=32)
+TINY = MaskDecoderConfig(
+    transformer_dim=32, depth=2, num_heads=4, mlp_dim=64, iou_head_hidden_dim=32
+)
 GRID = (4, 4)  # image-embedding grid; masks come out at 4x: 16 x 16
 
 
@@ -67,7 +69,9 @@ def test_decoder_matches_segment_anything(multimask_output):
     image_pe = sam_prompt.get_dense_pe()  # (1, C, 4, 4)
     dense = torch.randn(2, TINY.transformer_dim, *GRID)  # a mask prompt's embedding, per prompt
     with torch.no_grad():
-        want_masks, want_iou = sam_decoder(image_embeddings, image_pe, sparse, dense, multimask_output)
+        want_masks, want_iou = sam_decoder(
+            image_embeddings, image_pe, sparse, dense, multimask_output
+        )
         masks, iou = decoder(image_embeddings, image_pe, sparse, dense, multimask_output)
     assert want_masks.shape == (2, 3 if multimask_output else 1, 16, 16)
     torch.testing.assert_close(masks, want_masks, atol=1e-5, rtol=0)
@@ -89,7 +93,8 @@ def test_one_image_per_prompt_equals_separate_calls():
             torch.testing.assert_close(batched[i : i + 1], single, atol=1e-5, rtol=0)
             torch.testing.assert_close(batched_iou[i : i + 1], single_iou, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="image_embeddings has batch 2"):
-        decoder(images, image_pe, torch.randn(3, 1, TINY.transformer_dim), prompt_encoder(3, GRID), False)
+        three_prompts = torch.randn(3, 1, TINY.transformer_dim)
+        decoder(images, image_pe, three_prompts, prompt_encoder(3, GRID), False)
 
 
 def test_position_embedding_and_no_mask_match_segment_anything():
@@ -112,7 +117,8 @@ def test_position_embedding_and_no_mask_match_segment_anything():
 
 
 def test_sam_preset_has_segment_anythings_shapes():
-    # segment_anything/build_sam.py: prompt_embed_dim=256, TwoWayTransformer(2, 256, 2048, 8), 64x64 grid.
+    # segment_anything/build_sam.py: prompt_embed_dim=256, TwoWayTransformer(2, 256, 2048, 8),
+    # a 64x64 grid.
     sam_decoder = SamMaskDecoder(
         transformer_dim=256,
         transformer=SamTwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
@@ -121,7 +127,10 @@ def test_sam_preset_has_segment_anythings_shapes():
         iou_head_hidden_dim=256,
     )
     sam_prompt = SamPromptEncoder(
-        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+        embed_dim=256,
+        image_embedding_size=(64, 64),
+        input_image_size=(1024, 1024),
+        mask_in_chans=16,
     )
     decoder, prompt_encoder = build_mask_decoder(MASK_DECODER_PRESETS["sam"])
     shapes = lambda module: {k: tuple(v.shape) for k, v in module.state_dict().items()}  # noqa: E731
@@ -150,9 +159,8 @@ def test_load_sam_checkpoint_matches_segment_anything(tmp_path):
         want_masks, want_iou = sam_decoder(
             image_embeddings, sam_prompt.get_dense_pe(), sparse, sam_dense, False
         )
-        masks, iou = decoder(
-            image_embeddings, prompt_encoder.get_dense_pe(GRID), sparse, prompt_encoder(1, GRID), False
-        )
+        image_pe, dense = prompt_encoder.get_dense_pe(GRID), prompt_encoder(1, GRID)
+        masks, iou = decoder(image_embeddings, image_pe, sparse, dense, False)
     torch.testing.assert_close(masks, want_masks, atol=1e-5, rtol=0)
     torch.testing.assert_close(iou, want_iou, atol=1e-5, rtol=0)
 
@@ -176,7 +184,8 @@ def test_load_sam_checkpoint_errors_name_the_key(tmp_path):
     # A checkpoint with a deeper transformer than the config: a leftover decoder key is an error.
     extra = dict(state, **{"mask_decoder.transformer.layers.2.norm1.weight": torch.ones(32)})
     torch.save(extra, path)
-    with pytest.raises(ValueError, match="unexpected key 'mask_decoder.transformer.layers.2.norm1.weight'"):
+    leftover = "mask_decoder.transformer.layers.2.norm1.weight"
+    with pytest.raises(ValueError, match=f"unexpected key '{leftover}'"):
         load_sam_mask_decoder(path, config=TINY)
 
     torch.save({"model.weight": torch.zeros(1)}, path)

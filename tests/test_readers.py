@@ -1,4 +1,5 @@
-"""Readers: the shared real fixtures, placeholder rules, ReasonSeg masks, and error locations."""
+"""Readers: the real Chiron-o1 fixtures, placeholder rules, ReasonSeg masks, and error
+locations."""
 
 import json
 from pathlib import Path
@@ -9,19 +10,18 @@ from PIL import Image
 
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
 from minivlm.data.readers import (read_chiron_eval, read_dataset, read_llava_json,
-                                  read_messages_jsonl, read_reasonseg_dir)
+                                  read_messages_jsonl)
+from minivlm.data.reasonseg import expand_referring_texts, read_reasonseg_dir
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_fixtures = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def placeholders(sample) -> int:
     return sum(t["content"].count(IMAGE_TOKEN) for t in sample.turns)
 
 
-@needs_fixtures
 def test_chiron_eval_fixture_all_items():
-    path = SHARED_DATA / "chiron_o1_eval" / "eval_data.json"
+    path = FIXTURES / "chiron_o1_eval" / "eval_data.json"
     records = json.loads(path.read_text())
     samples = read_chiron_eval(path)
     assert len(samples) == len(records) == 10
@@ -32,7 +32,8 @@ def test_chiron_eval_fixture_all_items():
         assert placeholders(sample) == len(sample.images) == record["question"].count(IMAGE_TOKEN)
         assert sample.turns[0] == {"role": "user", "content": record["question"]}
         assert sample.turns[1]["role"] == "assistant"
-        assert sample.turns[1]["content"] == record["reasoning"] + "\n" + FINAL_ANSWER_PREFIX + record["answer"]
+        assert sample.turns[1]["content"] == (record["reasoning"] + "\n" + FINAL_ANSWER_PREFIX
+                                              + record["answer"])
         assert {k: sample.meta[k] for k in ("id", "answer", "answer_type", "reasoning")} == \
             {k: record[k] for k in ("id", "answer", "answer_type", "reasoning")}
         assert sample.meta["img_name"] == names and sample.meta["task"] == "vqa"
@@ -41,17 +42,18 @@ def test_chiron_eval_fixture_all_items():
     assert [len(s.images) for s in samples] == [5, 4, 4, 4, 5, 2, 2, 1, 2, 2]
 
 
-@needs_fixtures
 def test_messages_fixture_gets_placeholders_and_finds_images_under_images():
-    path = SHARED_DATA / "chiron_o1_demo" / "demo.jsonl"
+    path = FIXTURES / "chiron_o1_demo" / "demo.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     samples = read_messages_jsonl(path)
     assert len(samples) == len(records) == 10
     for line_number, (sample, record) in enumerate(zip(samples, records), start=1):
-        assert sample.images == [path.parent / "images" / name for name in record["images"]]  # second place looked
+        # Found in the second place looked: image_dir/images/.
+        assert sample.images == [path.parent / "images" / name for name in record["images"]]
         count = len(record["images"])
         assert placeholders(sample) == count and count in (1, 2)
-        assert sample.turns[0]["content"] == (IMAGE_TOKEN + "\n") * count + record["messages"][0]["content"]
+        assert sample.turns[0]["content"] == ((IMAGE_TOKEN + "\n") * count
+                                              + record["messages"][0]["content"])
         assert sample.turns[1] == record["messages"][1]
         assert sample.meta["rid"] == record["rid"] and sample.source == f"{path}:{line_number}"
     assert read_dataset(path)[3].turns == samples[3].turns
@@ -72,19 +74,24 @@ def pictures(tmp_path):
 def test_llava_roles_placeholders_and_extra_keys(pictures):
     path = write_json(pictures / "data.json", [
         {"id": "x", "image": "a.png", "question_type": "count",
-         "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "2"}]},
+         "conversations": [{"from": "human", "value": "<image>\nHow many?"},
+                           {"from": "gpt", "value": "2"}]},
         {"id": "y", "image": ["a.png", "b.png"],
-         "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Compare."},
+         "conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": "Compare."},
                            {"from": "gpt", "value": "Same."}, {"from": "human", "value": "Sure?"},
                            {"from": "gpt", "value": "Yes."}]},
-        {"id": "z", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "z", "conversations": [{"from": "human", "value": "Hi"},
+                                      {"from": "gpt", "value": "Hello"}]},
     ])
     first, second, text_only = read_llava_json(path)
-    assert first.turns == [{"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "2"}]
+    assert first.turns == [{"role": "user", "content": "<image>\nHow many?"},
+                           {"role": "assistant", "content": "2"}]
     assert first.images == [pictures / "a.png"] and first.meta["question_type"] == "count"
     assert second.images == [pictures / "a.png", pictures / "b.png"]
     assert [t["role"] for t in second.turns] == ["system", "user", "assistant", "user", "assistant"]
-    assert second.turns[1]["content"] == "<image>\n<image>\nCompare."  # first *user* turn, not the system turn
+    # The first *user* turn, not the system turn.
+    assert second.turns[1]["content"] == "<image>\n<image>\nCompare."
     assert text_only.images == [] and placeholders(text_only) == 0
 
 
@@ -103,9 +110,11 @@ def test_errors_name_file_and_record(pictures):
         {"image": ["a.png", "nope.png"], "conversations": turn_pair},  # missing file
         {"image": "a.png"},  # no conversations
         {"image": "a.png", "conversations": [{"from": "robot", "value": "<image>"}]},
-        {"image": ["a.png", "b.png"], "conversations": turn_pair[:1] + [{"from": "gpt", "value": "[SEG]"}]},
+        {"image": ["a.png", "b.png"],
+         "conversations": turn_pair[:1] + [{"from": "gpt", "value": "[SEG]"}]},
     ])
-    with pytest.raises(ValueError, match=f"^{path}:1: 2 <image> placeholder\\(s\\) in the text but 1 image\\(s\\)"):
+    with pytest.raises(ValueError, match=f"^{path}:1: 2 <image> placeholder\\(s\\) in the text "
+                                         "but 1 image\\(s\\)"):
         read_llava_json(path)
     errors = []
     samples = read_llava_json(path, errors=errors)
@@ -119,26 +128,31 @@ def test_errors_name_file_and_record(pictures):
 
 
 def test_messages_jsonl_line_numbers_and_bad_json(pictures):
-    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "images": ["a.png"]}
-    mismatch = {"messages": [{"role": "user", "content": "<image> Q"}, {"role": "assistant", "content": "A"}],
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "images": ["a.png"]}
+    mismatch = {"messages": [{"role": "user", "content": "<image> Q"},
+                             {"role": "assistant", "content": "A"}],
                 "images": ["a.png", "b.png"]}
     path = pictures / "m.jsonl"
     path.write_text(json.dumps(good) + "\n\n{not json\n" + json.dumps(mismatch) + "\n")
     errors = []
     samples = read_messages_jsonl(path, errors=errors)
     assert len(samples) == 1 and samples[0].turns[0]["content"] == "<image>\nQ"
-    assert errors[0].startswith(f"{path}:3: invalid JSON")  # line 3: editors' numbering, blank line counted
+    # Line 3: editors' numbering, the blank line counted.
+    assert errors[0].startswith(f"{path}:3: invalid JSON")
     assert errors[1] == f"{path}:4: 1 <image> placeholder(s) in the text but 2 image(s) listed"
 
 
 def test_read_dataset_picks_the_format(pictures):
     llava = write_json(pictures / "l.json", [{"image": "a.png", "conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
-    chiron = write_json(pictures / "c.json", [{"id": 1, "img_name": "a.png", "question": "<image>\nQ?",
-                                               "reasoning": "", "answer": "A", "answer_type": "CLOSED"}])
+    chiron = write_json(pictures / "c.json", [{"id": 1, "img_name": "a.png",
+                                               "question": "<image>\nQ?", "reasoning": "",
+                                               "answer": "A", "answer_type": "CLOSED"}])
     assert read_dataset(llava)[0].turns[0]["content"] == "<image>\nhi"
     sample = read_dataset(chiron)[0]
-    assert sample.turns[1]["content"] == FINAL_ANSWER_PREFIX + "A"  # no reasoning, no leading newline
+    # No reasoning: no leading newline.
+    assert sample.turns[1]["content"] == FINAL_ANSWER_PREFIX + "A"
     assert sample.meta["answer_type"] == "CLOSED"
     unknown = write_json(pictures / "u.json", [{"foo": 1}])
     with pytest.raises(ValueError, match="cannot tell the format"):
@@ -146,9 +160,11 @@ def test_read_dataset_picks_the_format(pictures):
 
 
 # ---------------------------------------------------------------------------- ReasonSeg
-def write_reasonseg(folder: Path, name: str, shapes: list, size=(40, 30), text=("the thing",), is_sentence=False):
+def write_reasonseg(folder: Path, name: str, shapes: list, size=(40, 30), text=("the thing",),
+                    is_sentence=False):
     Image.new("RGB", size, (90, 90, 90)).save(folder / f"{name}.jpg", quality=95)
-    write_json(folder / f"{name}.json", {"text": list(text), "is_sentence": is_sentence, "shapes": shapes})
+    write_json(folder / f"{name}.json",
+               {"text": list(text), "is_sentence": is_sentence, "shapes": shapes})
 
 
 def square(x0, y0, x1, y1):
@@ -160,10 +176,12 @@ def test_reasonseg_mask_ignore_flag_and_clipping(tmp_path):
         {"label": "flag", "points": square(0, 0, 39, 29)},  # deprecated annotation: skipped
         {"label": "target", "points": square(5, 5, 20, 20)},
         {"label": "ignore", "points": square(10, 10, 14, 14)},  # smaller: drawn over the target
-        {"label": "target", "points": square(30.7, 20.2, 60, 50)},  # off the right/bottom edge: clipped
+        # Off the right and bottom edges: clipped.
+        {"label": "target", "points": square(30.7, 20.2, 60, 50)},
     ], text=("the dark square", "that grey box"))
     write_reasonseg(tmp_path, "b", [
-        {"label": "Ignore region", "points": square(0, 0, 39, 29)},  # larger: drawn first, target on top
+        # Larger: drawn first, the target on top.
+        {"label": "Ignore region", "points": square(0, 0, 39, 29)},
         {"label": "target", "points": square(10, 10, 12, 12)},
     ], text=("What should be cut out?",), is_sentence=True)
     first, second = read_reasonseg_dir(tmp_path)
@@ -171,27 +189,35 @@ def test_reasonseg_mask_ignore_flag_and_clipping(tmp_path):
     assert mask.shape == (30, 40) and mask.dtype == np.uint8
     assert (mask[7, 7], mask[12, 12], mask[5, 20], mask[25, 8], mask[2, 35]) == (1, 255, 1, 0, 0)
     assert mask[10:15, 10:15].tolist() == [[255] * 5] * 5
-    assert mask[20:, 30:].min() == 1 and mask[19, 30] == 0  # x 30.7 -> 30, y 20.2 -> 20 (truncated)
+    # x 30.7 -> 30, y 20.2 -> 20 (truncated).
+    assert mask[20:, 30:].min() == 1 and mask[19, 30] == 0
     assert first.images == [tmp_path / "a.jpg"] and first.source == f"{tmp_path / 'a.json'}"
     assert first.turns == [
-        {"role": "user", "content": "<image>\nWhat is the dark square in this image? Please output segmentation mask."},
+        {"role": "user", "content": "<image>\nWhat is the dark square in this image? "
+                                    "Please output segmentation mask."},
         {"role": "assistant", "content": "Sure, it is [SEG]."}]
-    assert first.meta["texts"] == ["the dark square", "that grey box"] and first.meta["task"] == "reason_seg"
+    assert (first.meta["texts"] == ["the dark square", "that grey box"]
+            and first.meta["task"] == "reason_seg")
 
     mask = second.masks[0]
-    assert mask[11, 11] == 1 and mask[0, 0] == 255 and mask[9, 9] == 255 and set(np.unique(mask)) == {1, 255}
-    assert second.turns[0]["content"] == "<image>\nWhat should be cut out? Please output segmentation mask."
+    assert (mask[11, 11] == 1 and mask[0, 0] == 255 and mask[9, 9] == 255
+            and set(np.unique(mask)) == {1, 255})
+    assert second.turns[0]["content"] == ("<image>\nWhat should be cut out? "
+                                          "Please output segmentation mask.")
 
 
 def test_reasonseg_errors(tmp_path):
     write_reasonseg(tmp_path, "a_two_points", [{"label": "target", "points": [[1, 1], [5, 5]]}])
-    write_reasonseg(tmp_path, "b_outside", [{"label": "target", "points": square(100, 100, 120, 120)}])
-    write_reasonseg(tmp_path, "c_only_ignore", [{"label": "ignore", "points": square(1, 1, 5, 5)}])
+    write_reasonseg(tmp_path, "b_outside",
+                    [{"label": "target", "points": square(100, 100, 120, 120)}])
+    write_reasonseg(tmp_path, "c_only_ignore",
+                    [{"label": "ignore", "points": square(1, 1, 5, 5)}])
     write_reasonseg(tmp_path, "d_good", [{"label": "target", "points": square(1, 1, 5, 5)}])
     Image.new("RGB", (8, 8)).save(tmp_path / "e_no_json.jpg")
     write_json(tmp_path / "f_no_text.json", {"shapes": [], "is_sentence": False})
     Image.new("RGB", (8, 8)).save(tmp_path / "f_no_text.jpg")
-    with pytest.raises(ValueError, match=r"a_two_points.json: shapes\[0\] \('target'\): polygon with 2 point"):
+    with pytest.raises(ValueError,
+                       match=r"a_two_points.json: shapes\[0\] \('target'\): polygon with 2 point"):
         read_reasonseg_dir(tmp_path)
     errors = []
     samples = read_reasonseg_dir(tmp_path, errors=errors)
@@ -203,7 +229,6 @@ def test_reasonseg_errors(tmp_path):
 
 
 def test_reasonseg_answer_extension_and_text_expansion(tmp_path):
-    from minivlm.data.readers import expand_referring_texts
     write_reasonseg(tmp_path, "a", [{"label": "target", "points": square(2, 2, 10, 10)}],
                     text=("the red one", "the left-most shape", "the square"))
     annotation = json.loads((tmp_path / "a.json").read_text())

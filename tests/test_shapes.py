@@ -1,4 +1,4 @@
-"""The synthetic shapes world: deterministic, split by content, and every answer true to the picture.
+"""The synthetic shapes world: deterministic, split by content, every answer true to the picture.
 
 The answer checks re-derive each answer from the stored ground-truth scene with logic written
 here, independently of shapes_questions.py, and the scenes are checked against the pixels.
@@ -15,8 +15,8 @@ from PIL import Image
 from minivlm.data.readers import read_chiron_eval, read_dataset, read_llava_json, read_reasonseg_dir
 from minivlm.data.sample import check_sample
 from minivlm.data.shapes import ShapesConfig, generate, main
-from minivlm.data.shapes_scene import (BACKGROUND, COLOURS, SPLIT_PERCENT, describe_scene, scene_from_json, scene_key,
-                                       shape_mask, split_of)
+from minivlm.data.shapes_scene import (BACKGROUND, COLOURS, SPLIT_PERCENT, describe_scene,
+                                       scene_from_json, scene_key, shape_mask, split_of)
 
 CONFIG = ShapesConfig.quick()
 SIZE = CONFIG.image_size
@@ -29,7 +29,8 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
@@ -54,11 +55,13 @@ def test_readers_load_every_file_with_configured_counts(dataset):
     meta = json.loads(dataset["meta"].read_text())
     assert len(read_llava_json(dataset["pretrain"])) == CONFIG.num_train_images
     sft = read_dataset(dataset["sft"])
-    assert len(sft) == CONFIG.num_train_images + CONFIG.num_train_pairs == meta["counts"]["sft_records"]
+    assert (len(sft) == CONFIG.num_train_images + CONFIG.num_train_pairs
+            == meta["counts"]["sft_records"])
     assert sum(len(s.meta["question_types"]) for s in sft) == meta["counts"]["sft_questions"]
     assert len(read_chiron_eval(dataset["val"])) == CONFIG.num_val
     assert len(read_chiron_eval(dataset["eval"])) == CONFIG.num_test
-    for split, count in (("train", CONFIG.num_seg_train), ("val", CONFIG.num_seg_val), ("test", CONFIG.num_seg_test)):
+    for split, count in (("train", CONFIG.num_seg_train), ("val", CONFIG.num_seg_val),
+                         ("test", CONFIG.num_seg_test)):
         samples = read_reasonseg_dir(dataset[f"reasonseg_{split}"])
         assert len(samples) == count
         for sample in samples:
@@ -68,12 +71,14 @@ def test_readers_load_every_file_with_configured_counts(dataset):
 
 def scenes_by_split(dataset) -> dict[str, list]:
     found = {"train": [], "val": [], "test": []}
-    for record in json.loads(dataset["pretrain"].read_text()) + json.loads(dataset["sft"].read_text()):
+    for record in (json.loads(dataset["pretrain"].read_text())
+                   + json.loads(dataset["sft"].read_text())):
         found["train"] += [record["scene"]] if "scene" in record else record["scenes"]
     found["val"] += [s for item in json.loads(dataset["val"].read_text()) for s in item["scenes"]]
     found["test"] += [s for item in json.loads(dataset["eval"].read_text()) for s in item["scenes"]]
     for split in found:
-        found[split] += [json.loads(p.read_text())["scene"] for p in dataset[f"reasonseg_{split}"].glob("*.json")]
+        found[split] += [json.loads(p.read_text())["scene"]
+                         for p in dataset[f"reasonseg_{split}"].glob("*.json")]
     return {split: [scene_from_json(s) for s in scenes] for split, scenes in found.items()}
 
 
@@ -82,12 +87,15 @@ def test_splits_disjoint_by_content(dataset):
     for split, scenes in scenes_by_split(dataset).items():
         keys[split] = {scene_key(s, SIZE, CONFIG.size_range) for s in scenes}
         assert all(split_of(key) == split for key in keys[split])
-    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert (not keys["train"] & keys["val"] and not keys["train"] & keys["test"]
+            and not keys["val"] & keys["test"])
     assert sum(SPLIT_PERCENT.values()) == 100
     # the key is coarse: a one-pixel shift keeps it, so near-duplicates cannot straddle splits
     shape = scenes_by_split(dataset)["test"][0][0]
-    moved = type(shape)(shape.kind, shape.colour, shape.x0 + (1 if shape.cx % 8 < 6 else -1), shape.y0, shape.size)
-    assert scene_key((moved,), SIZE, CONFIG.size_range) == scene_key((shape,), SIZE, CONFIG.size_range)
+    moved = type(shape)(shape.kind, shape.colour, shape.x0 + (1 if shape.cx % 8 < 6 else -1),
+                        shape.y0, shape.size)
+    assert (scene_key((moved,), SIZE, CONFIG.size_range)
+            == scene_key((shape,), SIZE, CONFIG.size_range))
 
 
 def test_scenes_match_pixels(dataset):
@@ -100,7 +108,8 @@ def test_scenes_match_pixels(dataset):
             covered = np.zeros((SIZE, SIZE), dtype=bool)
             for shape in scene:
                 mask = shape_mask(shape, SIZE).astype(bool)
-                assert mask.sum() >= 0.4 * shape.size ** 2 and not (mask & covered).any()  # no overlaps
+                assert (mask.sum() >= 0.4 * shape.size ** 2
+                        and not (mask & covered).any())  # no overlaps
                 assert (image[mask] == COLOURS[shape.colour]).all()
                 covered |= mask
             assert (image[~covered] == BACKGROUND).all()
@@ -113,7 +122,8 @@ def test_reasonseg_masks_cover_the_target_colour(dataset):
             target = next(s for s in scene if s.name == sample.meta["target"])
             mask = sample.masks[0]
             assert np.array_equal(mask, shape_mask(target, SIZE))
-            image = np.asarray(Image.open(sample.images[0]), dtype=int)  # JPEG: compare the interior, with slack
+            # JPEG: compare the interior, with slack
+            image = np.asarray(Image.open(sample.images[0]), dtype=int)
             inner = mask.astype(bool)
             inner[1:-1, 1:-1] &= mask[:-2, 1:-1].astype(bool) & mask[2:, 1:-1].astype(bool) \
                 & mask[1:-1, :-2].astype(bool) & mask[1:-1, 2:].astype(bool)
@@ -123,14 +133,16 @@ def test_reasonseg_masks_cover_the_target_colour(dataset):
                 assert refer(text, scene) == [target], (text, kind)
 
 
-# ---------------------------------------------------------------------------- independent answer checks
+# ---------------------------------------------------------------------------- independent checks
 def lead(a, b, direction) -> float:
-    return {"left": b.cx - a.cx, "right": a.cx - b.cx, "top": b.cy - a.cy, "bottom": a.cy - b.cy}[direction]
+    return {"left": b.cx - a.cx, "right": a.cx - b.cx,
+            "top": b.cy - a.cy, "bottom": a.cy - b.cy}[direction]
 
 
 def extreme(scene, direction):
     """The shape furthest in `direction`, demanding the margin over every other one."""
-    winners = [a for a in scene if len(scene) > 1 and all(lead(a, b, direction) >= MARGIN for b in scene if b is not a)]
+    winners = [a for a in scene if len(scene) > 1
+               and all(lead(a, b, direction) >= MARGIN for b in scene if b is not a)]
     return winners[0] if winners else None
 
 
@@ -143,7 +155,8 @@ def refer(text: str, scene) -> list:
     text = text.rstrip("?")
     if m := re.fullmatch(r"(?:the|Where is the) (\w+) (circle|square|triangle)", text):
         return [s for s in scene if (s.colour, s.kind) == m.groups()]
-    if m := re.fullmatch(r"the (red|green|blue|yellow) shape|Which shape is (red|green|blue|yellow)", text):
+    if m := re.fullmatch(r"the (red|green|blue|yellow) shape"
+                         r"|Which shape is (red|green|blue|yellow)", text):
         return [s for s in scene if s.colour == (m[1] or m[2])]
     if m := re.fullmatch(r"the (circle|square|triangle)|Which shape is a (\w+)", text):
         return [s for s in scene if s.kind == (m[1] or m[2])]
@@ -156,14 +169,17 @@ def refer(text: str, scene) -> list:
         return [s for s in scene if s.kind == kind and s.colour != colour]
     if m := re.fullmatch(r"the (\w+)-most shape|Which shape is furthest to the (\w+)", text):
         return [extreme(scene, m[1] or m[2])]
-    if m := re.fullmatch(r"the (largest|smallest) shape|Which shape is the (largest|smallest)", text):
+    if m := re.fullmatch(r"the (largest|smallest) shape|Which shape is the (largest|smallest)",
+                         text):
         ranked = sorted(scene, key=area)
-        pick, runner_up = (ranked[-1], ranked[-2]) if (m[1] or m[2]) == "largest" else (ranked[0], ranked[1])
+        largest = (m[1] or m[2]) == "largest"
+        pick, runner_up = (ranked[-1], ranked[-2]) if largest else (ranked[0], ranked[1])
         assert max(area(pick), area(runner_up)) >= 1.25 * min(area(pick), area(runner_up))
         return [pick]
-    if m := re.fullmatch(r"(?:the shape|Which shape is) (to the left of|to the right of|above|below) the (\w+ \w+)",
-                         text):
-        direction = {"to the left of": "left", "to the right of": "right", "above": "top", "below": "bottom"}[m[1]]
+    if m := re.fullmatch(r"(?:the shape|Which shape is) "
+                         r"(to the left of|to the right of|above|below) the (\w+ \w+)", text):
+        direction = {"to the left of": "left", "to the right of": "right", "above": "top",
+                     "below": "bottom"}[m[1]]
         anchor = next(s for s in scene if s.name == m[2])
         leads = [(s, lead(s, anchor, direction)) for s in scene if s is not anchor]
         assert all(abs(d) >= MARGIN for _, d in leads)
@@ -184,22 +200,26 @@ def check_answer(question: str, answer: str, scenes: list) -> None:
         assert [s.kind for s in scene if s.colour == m[1]] == [answer]
     elif m := re.fullmatch(r"Which shape is (\w+)-most\?", question):
         assert extreme(scene, m[1]).name == answer
-    elif m := re.fullmatch(r"Is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?", question):
+    elif m := re.fullmatch(r"Is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?",
+                           question):
         a, b = (next(s for s in scene if s.name == name) for name in (m[1], m[3]))
-        d = lead(a, b, {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}[m[2]])
+        d = lead(a, b, {"left of": "left", "right of": "right", "above": "top",
+                        "below": "bottom"}[m[2]])
         assert abs(d) >= MARGIN and answer == ("yes" if d > 0 else "no")
     elif m := re.fullmatch(r"Is there a (\w+ \w+)\?", question):
         assert answer == ("yes" if m[1] in [s.name for s in scene] else "no")
     elif question == "Describe the image.":
         verb = "is" if len(scene) == 1 else "are"
-        assert answer == describe_scene(scene, SIZE) and answer.startswith(f"There {verb} {len(scene)} shape")
+        assert (answer == describe_scene(scene, SIZE)
+                and answer.startswith(f"There {verb} {len(scene)} shape"))
         assert all(f"a {s.name} " in answer for s in scene)
     elif question == "How many shapes are there in the two images together?":
         assert answer == str(len(scenes[0]) + len(scenes[1]))
     elif m := re.fullmatch(r"Which image has an? (.+)\?", question):
         def has(scene_) -> bool:
             return any(m[1] in (s.kind, f"{s.colour} shape", s.name) for s in scene_)
-        assert [has(s) for s in scenes] == ([True, False] if answer == "the first image" else [False, True])
+        assert [has(s) for s in scenes] == ([True, False] if answer == "the first image"
+                                            else [False, True])
     else:
         raise AssertionError(f"unknown question {question!r}")
 
@@ -208,14 +228,17 @@ def test_every_answer_follows_from_the_scene(dataset):
     checked = 0
     for path in (dataset["val"], dataset["eval"]):
         for item in json.loads(path.read_text()):
-            check_answer(item["question"], item["answer"], [scene_from_json(s) for s in item["scenes"]])
+            check_answer(item["question"], item["answer"],
+                         [scene_from_json(s) for s in item["scenes"]])
             checked += 1
     for record in json.loads(dataset["sft"].read_text()):
-        scenes = [scene_from_json(s) for s in ([record["scene"]] if "scene" in record else record["scenes"])]
+        scenes_json = [record["scene"]] if "scene" in record else record["scenes"]
+        scenes = [scene_from_json(s) for s in scenes_json]
         turns = record["conversations"]
         for question, answer in zip(turns[0::2], turns[1::2]):
             assert answer["value"].startswith("### The final answer is: ")
-            check_answer(question["value"], answer["value"].removeprefix("### The final answer is: "), scenes)
+            check_answer(question["value"],
+                         answer["value"].removeprefix("### The final answer is: "), scenes)
             checked += 1
     assert checked > 100
 
@@ -230,12 +253,15 @@ def test_meta_reports_chance_and_majority_per_type(dataset):
     assert stats["relation"]["chance"] == 0.5 and stats["extreme"]["chance"] == 1 / 12
     assert stats["describe"]["chance"] is None and stats["describe"]["answer_type"] == "OPEN"
     relation = [i["answer"] for i in items if i["question_type"] == "relation"]
-    assert stats["relation"]["majority"] == max(relation.count("yes"), relation.count("no")) / len(relation)
+    assert (stats["relation"]["majority"]
+            == max(relation.count("yes"), relation.count("no")) / len(relation))
     assert meta["image_size"] == SIZE and meta["seed"] == 0
 
 
 def test_command_line(tmp_path):
-    main(["--out", str(tmp_path / "cli"), "--quick", "--seed", "3", "--image-size", "48", "--num-test", "10"])
+    main(["--out", str(tmp_path / "cli"), "--quick", "--seed", "3", "--image-size", "48",
+          "--num-test", "10"])
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
-    assert meta["config"]["image_size"] == 48 and meta["counts"]["eval"] == 10 and meta["seed"] == 3
+    assert (meta["config"]["image_size"] == 48 and meta["counts"]["eval"] == 10
+            and meta["seed"] == 3)
     assert Image.open(tmp_path / "cli" / "images" / "test" / "000000.png").size == (48, 48)

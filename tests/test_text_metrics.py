@@ -54,7 +54,8 @@ def test_answers_match(prediction, truth, match):
 
 
 def test_extract_final_answer():
-    assert extract_final_answer("It is round.\n### The final answer is: circle") == ("It is round.", "circle")
+    assert extract_final_answer("It is round.\n### The final answer is: circle") == (
+        "It is round.", "circle")
     assert extract_final_answer("### The final answer is:red") == ("", "red")
     assert extract_final_answer("no marker here ") == ("no marker here", None)
     # a repeated marker: the first one ends the reasoning
@@ -82,7 +83,8 @@ def test_bertscore_unknown_model_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------- judge
 class FakeJudge(BaseHTTPRequestHandler):
     """Answers "Yes" when the model's answer equals the correct one, else "No"; records requests.
-    Requests after the first `fast_requests` wait `delay` seconds; the first `failures_left` get 503."""
+    Requests after the first `fast_requests` wait `delay` seconds; the first `failures_left` get
+    503."""
     requests: list = []
     delay = 0.0
     fast_requests = 0
@@ -101,7 +103,8 @@ class FakeJudge(BaseHTTPRequestHandler):
         answer = prompt.split("Model's answer: ")[1].split("\n")[0]
         truth = prompt.split("Correct answer: ")[1].split("\n")[0]
         reply = "Yes." if answer == truth else "No"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        message = {"role": "assistant", "content": reply}
+        payload = json.dumps({"choices": [{"message": message}]}).encode()
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -117,9 +120,11 @@ class FakeJudge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def judge_server():
-    FakeJudge.requests, FakeJudge.delay, FakeJudge.fast_requests, FakeJudge.failures_left = [], 0.0, 0, 0
+    FakeJudge.requests, FakeJudge.delay = [], 0.0
+    FakeJudge.fast_requests, FakeJudge.failures_left = 0, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()

@@ -12,17 +12,20 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minivlm.data.chat_template import CHATML, MINIVLM, template_from_jinja
-from minivlm.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, load_hf_tokenizer,
-                               load_tokenizer, train_sentencepiece)
+from minivlm.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+from minivlm.data.tokenizer import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
                 "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # SmolLM2-Instruct's template, as in its tokenizer_config.json (a hard-coded default system prompt).
-SMOLLM2_JINJA = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+SMOLLM2_JINJA = ("{% for message in messages %}"
+                 "{% if loop.first and messages[0]['role'] != 'system' %}"
                  "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by "
-                 "Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' "
-                 "+ message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt"
+                 "Hugging Face<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' "
+                 "+ message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+                 "{% if add_generation_prompt"
                  " %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 TEXTS = [
@@ -286,7 +289,6 @@ def test_template_from_jinja():
 
 
 def test_vocab_too_small_for_the_characters_is_a_clear_error(tmp_path):
-    from minivlm.data.tokenizer import train_sentencepiece
     texts = [f"text {chr(0x4e00 + i)} number {i}" for i in range(400)]  # 400 distinct characters
     with pytest.raises(ValueError, match=r"vocab_size=300 is too small: .* at least \d+ pieces"):
         train_sentencepiece(texts, tmp_path, vocab_size=300)

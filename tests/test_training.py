@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,17 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import minivlm.train.checkpoint as checkpoint
 import train_pretrain
 import train_sft
-from minivlm.models.build import load_vlm
-from minivlm.train.checkpoint import resolve_checkpoint
+from minivlm.consolidate import consolidate
+from minivlm.models.presets import MODEL_PRESETS, preset_config
+from minivlm.train.batch_plan import BatchPlan
+from minivlm.weights.checkpoint import load_vlm, resolve_checkpoint
+from minivlm.train.distributed import init_distributed
 from minivlm.train.schedule import cosine_warmup_lr
+from minivlm.train.stage import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_FLAGS = ["--lm-dim", "32", "--lm-num-layers", "1", "--lm-num-heads", "2",
-               "--lm-num-kv-heads", "1", "--lm-hidden-dim", "64", "--lm-max-seq-len", "512",
-               "--vision-width", "32", "--vision-layers", "1", "--vision-head-width", "16",
-               "--vision-patch-size", "8", "--batch-size", "4", "--log-every", "1",
+MODEL_FLAGS = ["--model-preset", "demo-quick", "--batch-size", "4", "--log-every", "1",
                "--warmup-steps", "2"]
 
 
@@ -52,7 +55,6 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(shapes_dir, tiny_tokeni
     pretrain(shapes_dir, tiny_tokenizer_dir, tmp_path / "part", 6, "--save-every", "3",
              "--keep", "0", *extra)
     # Simulate a run that stopped at step 3: drop the final checkpoint, point latest at step 3.
-    import shutil
     shutil.rmtree(tmp_path / "part" / "step_000006")
     (tmp_path / "part" / "latest").write_text("step_000003")
     pretrain(shapes_dir, tiny_tokenizer_dir, tmp_path / "part", 6, "--resume", *extra)
@@ -68,7 +70,6 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(shapes_dir, tiny_
     run = tmp_path / "run"
     pretrain(shapes_dir, tiny_tokenizer_dir, run, 2)
     before = weights(run)
-    import minivlm.train.checkpoint as checkpoint
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
@@ -129,8 +130,8 @@ def test_ddp_zero1_two_ranks_resume_and_consolidate(shapes_dir, tiny_tokenizer_d
     ckpt = resolve_checkpoint(tmp_path / "ddp")
     assert {p.name for p in ckpt.glob("optimizer_rank*.pt")} == {"optimizer_rank0.pt",
                                                                   "optimizer_rank1.pt"}
-    subprocess.run(base + ["--max-steps", "3", "--resume"], check=True, env=env, cwd=REPO, timeout=240,
-                   capture_output=True)
+    subprocess.run(base + ["--max-steps", "3", "--resume"], check=True, env=env, cwd=REPO,
+                   timeout=240, capture_output=True)
     assert resolve_checkpoint(tmp_path / "ddp").name == "step_000003"
     # Resuming on 1 rank without consolidating is refused with what to do...
     single = ["--data", str(shapes_dir / "pretrain.json"), "--tokenizer", str(tiny_tokenizer_dir),
@@ -138,15 +139,12 @@ def test_ddp_zero1_two_ranks_resume_and_consolidate(shapes_dir, tiny_tokenizer_d
     with pytest.raises(ValueError, match="minivlm.consolidate"):
         train_pretrain.main(single)
     # ...and works after it.
-    from minivlm.consolidate import consolidate
     consolidate(tmp_path / "ddp")
     train_pretrain.main(single)
     assert resolve_checkpoint(tmp_path / "ddp").name == "step_000004"
 
 
 def test_batch_plan_covers_each_epoch_once_and_groups_lengths():
-    from minivlm.train.distributed import init_distributed
-    from minivlm.train.trainer import BatchPlan
     lengths = [(i * 37) % 101 for i in range(256)]
     plan = BatchPlan(lengths, 8, init_distributed(False), seed=0, group_by_length=True)
     epoch = plan.epoch_batches(0)
@@ -168,3 +166,19 @@ def test_a_new_save_is_never_pruned_by_an_older_runs_higher_steps(shapes_dir, ti
     pretrain(shapes_dir, tiny_tokenizer_dir, run, 2, "--keep", "1")
     assert sorted(p.name for p in run.glob("step_*")) == ["step_000002"]
     assert resolve_checkpoint(run).name == "step_000002"
+
+
+def test_presets_set_defaults_that_explicit_flags_override():
+    args = parse_args("", ["--model-preset", "demo", "--lm-dim", "64", "--vision-layers", "2"])
+    assert (args.lm_dim, args.lm_num_layers, args.vision_layers) == (64, 4, 2)
+    args = parse_args("", ["--model-preset", "demo", "--lm-preset", "smollm2-135m"])
+    assert (args.lm_dim, args.lm_vocab_size, args.vision_width) == (576, 49152, 128)
+    for name in MODEL_PRESETS:  # every field a preset names exists
+        assert preset_config(name, seg=True).seg.enabled
+
+
+def test_training_scripts_print_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_sft.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--model-preset" in capsys.readouterr().out

@@ -3,7 +3,8 @@ import pytest
 import torch
 import transformers
 
-from minivlm.models.transformer import Transformer, TransformerConfig, sample_next_token
+from minivlm.models.generation import KVCache, sample_next_token
+from minivlm.models.transformer import Transformer, TransformerConfig
 
 
 def tiny_config(**overrides) -> TransformerConfig:
@@ -61,7 +62,6 @@ def test_left_padded_batch_equals_hf_and_unpadded_rows():
 
 
 def test_kv_cache_prefill_and_token_by_token_equal_full_sequence():
-    from minivlm.models.transformer import KVCache
     torch.manual_seed(2)
     model = Transformer(tiny_config()).eval()
     ids = torch.randint(0, 97, (2, 20))

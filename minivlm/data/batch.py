@@ -20,9 +20,10 @@ from minivlm.data.images import image_size, load_image
 from minivlm.data.sample import Sample
 
 
-
 @dataclass
-class Example:
+class EncodedSample:
+    """A `Sample` after tokenisation: what the dataset keeps per item between epochs."""
+
     input_ids: list[int]
     labels: list[int]
     images: list  # paths, or preloaded (tiles, 3, S, S) tensors
@@ -40,17 +41,17 @@ class ChatDataset(Dataset):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_encoder = image_encoder
         self.tokens_per_tile = tokens_per_tile
-        self.examples: list[Example] = []
+        self.encoded: list[EncodedSample] = []
         self.errors: list[str] = []
         for sample in samples:
             try:
-                self.examples.append(self._build(sample, max_seq_len, preload_images))
+                self.encoded.append(self._build(sample, max_seq_len, preload_images))
             except ValueError as error:
                 if not skip_bad:
                     raise
                 self.errors.append(str(error))
 
-    def _build(self, sample: Sample, max_seq_len: int, preload: bool) -> Example:
+    def _build(self, sample: Sample, max_seq_len: int, preload: bool) -> EncodedSample:
         try:
             images = [self.image_processor(load_image(p)) for p in sample.images] if preload \
                 else list(sample.images)
@@ -79,17 +80,17 @@ class ChatDataset(Dataset):
                              f"{len(sample.masks)} masks")
         if all(label == IGNORE_INDEX for label in labels):
             raise ValueError(f"{sample.source}: no assistant tokens to learn from")
-        return Example(ids, labels, images, sample.masks, sample.source,
-                       sample.meta.get("task", ""))
+        return EncodedSample(ids, labels, images, sample.masks, sample.source,
+                             sample.meta.get("task", ""))
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.encoded)
 
     def lengths(self) -> list[int]:
-        return [len(e.input_ids) for e in self.examples]
+        return [len(e.input_ids) for e in self.encoded]
 
     def __getitem__(self, index: int) -> dict:
-        ex = self.examples[index]
+        ex = self.encoded[index]
         pixels = [im if isinstance(im, torch.Tensor) else self._load(im, ex.source)
                   for im in ex.images]
         return dict(input_ids=ex.input_ids, labels=ex.labels, pixel_values=pixels,

@@ -110,7 +110,8 @@ CHAT_TEMPLATES = {template.name: template for template in (MINIVLM, CHATML)}
 
 def get_chat_template(name: str) -> ChatTemplate:
     if name not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; expected one of {sorted(CHAT_TEMPLATES)}")
+        raise ValueError(f"unknown chat template {name!r}; "
+                         f"expected one of {sorted(CHAT_TEMPLATES)}")
     return CHAT_TEMPLATES[name]
 
 

@@ -100,5 +100,5 @@ def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 2
                 return _composite(image, background)
             return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"{path}: cannot decode {image.format or 'image'} in mode {image.mode} "
-                             f"({_one_line(error)})") from None
+            raise ImageError(f"{path}: cannot decode {image.format or 'image'} "
+                             f"in mode {image.mode} ({_one_line(error)})") from None

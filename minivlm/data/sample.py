@@ -16,7 +16,6 @@ import numpy as np
 from minivlm.constants import IMAGE_TOKEN, MASK_VALUES, ROLES, SEG_TOKEN
 
 
-
 @dataclass
 class Sample:
     images: list[Path]  # resolved image paths, in placeholder order
@@ -27,7 +26,8 @@ class Sample:
 
 
 def check_sample(sample: Sample) -> None:
-    """Raise a one-line ValueError (prefixed with `sample.source`) if the sample breaks the contract.
+    """Raise a one-line ValueError (prefixed with `sample.source`) if the sample breaks the
+    contract.
 
     Readers call this on every record; code that builds samples on the fly can call it too.
     """
@@ -38,10 +38,12 @@ def check_sample(sample: Sample) -> None:
         if not isinstance(turn, dict) or turn.get("role") not in ROLES:
             raise ValueError(f"{where}: turn {i}: expected a role in {ROLES}, found {turn!r:.80}")
         if not isinstance(turn.get("content"), str):
-            raise ValueError(f"{where}: turn {i}: expected string content, found {type(turn.get('content')).__name__}")
+            raise ValueError(f"{where}: turn {i}: expected string content, "
+                             f"found {type(turn.get('content')).__name__}")
     roles = [t["role"] for t in sample.turns]
     if "user" not in roles or "assistant" not in roles:
-        raise ValueError(f"{where}: expected at least one user and one assistant turn, found roles {roles}")
+        raise ValueError(f"{where}: expected at least one user and one assistant turn, "
+                         f"found roles {roles}")
 
     # The model splices image i's embeddings at the i-th placeholder: counts must agree exactly.
     num_placeholders = sum(t["content"].count(IMAGE_TOKEN) for t in sample.turns)
@@ -51,12 +53,20 @@ def check_sample(sample: Sample) -> None:
             f"but {len(sample.images)} image(s) listed"
         )
     if any(IMAGE_TOKEN in t["content"] for t in sample.turns if t["role"] == "assistant"):
-        raise ValueError(f"{where}: {IMAGE_TOKEN} in an assistant turn (images belong to user turns)")
+        raise ValueError(f"{where}: {IMAGE_TOKEN} in an assistant turn "
+                         "(images belong to user turns)")
 
     # The mask loss pairs the hidden state at the k-th [SEG] with the k-th mask.
     num_seg = sum(t["content"].count(SEG_TOKEN) for t in sample.turns if t["role"] == "assistant")
     if num_seg != len(sample.masks):
-        raise ValueError(f"{where}: {num_seg} {SEG_TOKEN} in the answer(s) but {len(sample.masks)} mask(s)")
+        raise ValueError(f"{where}: {num_seg} {SEG_TOKEN} in the answer(s) "
+                         f"but {len(sample.masks)} mask(s)")
     for k, mask in enumerate(sample.masks):
         if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype != np.uint8:
             raise ValueError(f"{where}: mask {k}: expected an (H, W) uint8 array")
+        # The mask losses would read any other value as background without a word (the IoU
+        # refuses it, but only at eval time): stop at the record instead.
+        unexpected = np.setdiff1d(np.unique(mask), MASK_VALUES)
+        if unexpected.size:
+            raise ValueError(f"{where}: mask {k}: expected pixel values in {MASK_VALUES} "
+                             f"(background, object, ignore), found {unexpected[:5].tolist()}")

@@ -15,6 +15,7 @@ ordinary readers load them with no extra argument):
   reasonseg/{train,val,test}/NNNNNN.jpg + .json   ReasonSeg (LISA labelme) format
   meta.json              seed, config, counts, and per question type the number of possible
                          answers, chance (1 / that number) and the majority-answer baseline
+                         (see shapes_stats)
 Extra keys ride along for analysis and tests: "question_type(s)", "scene(s)" (ground truth),
 "target" and "referring_types" (ReasonSeg). The same seed gives byte-identical files.
 A scene's split (train/val/test) depends only on its content: see shapes_scene.split_of.
@@ -27,16 +28,15 @@ import json
 import random
 import shutil
 import sys
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minivlm.cli import add_config_args, config_from_args
-
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
-from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, answer_space, referring_expressions
-from minivlm.data.shapes_scene import (COLOURS, KINDS, Scene, caption_scene, render, sample_scene, scene_key, scene_to_json,
-                           split_of)
+from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, referring_expressions
+from minivlm.data.shapes_scene import (COLOURS, KINDS, Scene, caption_scene, render, sample_scene,
+                                       scene_key, scene_to_json, split_of)
+from minivlm.data.shapes_stats import question_type_stats, referring_type_counts
 
 GENERATOR = "minivlm.data.shapes"
 VERSION = 1  # bump when the output changes, so cached datasets are regenerated
@@ -61,11 +61,13 @@ class ShapesConfig:
     jpeg_quality: int = 95  # ReasonSeg images are JPEG like LISA's; masks come from the polygons
 
     def __post_init__(self):
-        if not 1 <= self.min_shapes <= self.max_shapes <= len(KINDS) * len(COLOURS):
-            raise ValueError(f"ShapesConfig: need 1 <= min_shapes <= max_shapes <= {len(KINDS) * len(COLOURS)}, "
+        most_shapes = len(KINDS) * len(COLOURS)  # no two shapes in a scene share colour and kind
+        if not 1 <= self.min_shapes <= self.max_shapes <= most_shapes:
+            raise ValueError(f"ShapesConfig: need 1 <= min_shapes <= max_shapes <= {most_shapes}, "
                              f"found {self.min_shapes}, {self.max_shapes}")
         if self.image_size < 16:
-            raise ValueError(f"ShapesConfig: image_size {self.image_size} is too small to draw shapes (need >= 16)")
+            raise ValueError(f"ShapesConfig: image_size {self.image_size} is too small "
+                             "to draw shapes (need >= 16)")
 
     @classmethod
     def quick(cls) -> ShapesConfig:
@@ -87,7 +89,8 @@ class _Writer:
 
     def __init__(self, out: Path, split: str, seed: int, stream: str, config: ShapesConfig):
         self.out, self.split, self.config = out, split, config
-        self.rng = random.Random(f"{seed}:{stream}")  # one stream per purpose: counts elsewhere don't shift it
+        # one stream per purpose: counts elsewhere don't shift it
+        self.rng = random.Random(f"{seed}:{stream}")
         self.count = 0
 
     def scene(self, min_shapes: int | None = None) -> Scene:
@@ -124,14 +127,18 @@ def _write_train(out: Path, seed: int, c: ShapesConfig) -> tuple[list, list]:
         image = writer.save_png(scene)
         pool.append((image, scene))
         prompt = writer.rng.choice(PRETRAIN_PROMPTS)
-        pretrain.append({"id": f"pretrain-{i:06d}", "image": image, "task": "caption", "scene": scene_to_json(scene),
+        caption = caption_scene(scene, c.image_size)
+        pretrain.append({"id": f"pretrain-{i:06d}", "image": image, "task": "caption",
+                         "scene": scene_to_json(scene),
                          "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
-                                           {"from": "gpt", "value": caption_scene(scene, c.image_size)}]})
+                                           {"from": "gpt", "value": caption}]})
         questions = []
         for ask in writer.rng.sample(list(SINGLE_IMAGE.values()), len(SINGLE_IMAGE)):
-            if len(questions) < c.questions_per_image and (q := ask(writer.rng, scene, c.image_size)):
+            if (len(questions) < c.questions_per_image
+                    and (q := ask(writer.rng, scene, c.image_size))):
                 questions.append(q)
-        sft.append({"id": f"sft-{i:06d}", "image": image, "task": "vqa", "scene": scene_to_json(scene),
+        sft.append({"id": f"sft-{i:06d}", "image": image, "task": "vqa",
+                    "scene": scene_to_json(scene),
                     "question_types": [q.question_type for q in questions],
                     "conversations": _turns(f"{IMAGE_TOKEN}\n", questions)})
     for j in range(c.num_train_pairs if len(pool) >= 2 else 0):
@@ -163,33 +170,40 @@ def _write_eval(out: Path, split: str, seed: int, num_items: int, c: ShapesConfi
         names = [writer.save_png(scene) for scene in scenes]
         prefix = TWO_IMAGE_PREFIX if len(scenes) == 2 else f"{IMAGE_TOKEN}\n"
         items.append({"id": k + 1, "img_name": names if len(names) > 1 else names[0],
-                      "question": prefix + question.text, "reasoning": "", "answer": question.answer,
-                      "answer_type": question.answer_type, "question_type": question.question_type,
+                      "question": prefix + question.text, "reasoning": "",
+                      "answer": question.answer, "answer_type": question.answer_type,
+                      "question_type": question.question_type,
                       "scenes": [scene_to_json(scene) for scene in scenes]})
     return items
 
 
-def _write_reasonseg(out: Path, split: str, seed: int, num_items: int, c: ShapesConfig) -> list[dict]:
+def _write_reasonseg(out: Path, split: str, seed: int, num_items: int,
+                     c: ShapesConfig) -> list[dict]:
     writer = _Writer(out, split, seed, f"seg-{split}", c)
     folder = out / "reasonseg" / split
     folder.mkdir(parents=True, exist_ok=True)
     annotations = []
     for j in range(num_items):
-        scene = writer.scene(min_shapes=max(2, c.min_shapes))  # one shape leaves nothing to reason about
+        # one shape leaves nothing to reason about
+        scene = writer.scene(min_shapes=max(2, c.min_shapes))
         options = referring_expressions(scene, c.image_size)
         reasoning = [o for o in options if o[3] not in SIMPLE_REFERRING]
-        chosen = writer.rng.choice(reasoning if reasoning and writer.rng.random() < 0.8 else options)
+        chosen = writer.rng.choice(reasoning if reasoning and writer.rng.random() < 0.8
+                                   else options)
         target = chosen[0]
         others = [o for o in options if o[0] is target and o is not chosen]
         picked = [chosen] + writer.rng.sample(others, min(2, len(others)))
         is_sentence = writer.rng.random() < 0.5
         name = f"{j:06d}"
-        render(scene, c.image_size).save(folder / f"{name}.jpg", format="JPEG", quality=c.jpeg_quality,
-                                         subsampling=0)  # 4:4:4 keeps colours crisp at 32 px
-        annotation = {"text": [o[2] if is_sentence else o[1] for o in picked], "is_sentence": is_sentence,
+        # subsampling=0 (4:4:4) keeps colours crisp at 32 px
+        render(scene, c.image_size).save(folder / f"{name}.jpg", format="JPEG",
+                                         quality=c.jpeg_quality, subsampling=0)
+        annotation = {"text": [o[2] if is_sentence else o[1] for o in picked],
+                      "is_sentence": is_sentence,
                       "shapes": [{"label": "target", "points": [list(p) for p in target.polygon()],
                                   "shape_type": "polygon", "group_id": None, "flags": {}}],
-                      "imagePath": f"{name}.jpg", "imageHeight": c.image_size, "imageWidth": c.image_size,
+                      "imagePath": f"{name}.jpg", "imageHeight": c.image_size,
+                      "imageWidth": c.image_size,
                       "target": target.name, "answer": f"Sure, it is the {target.name} [SEG].",
                       "referring_types": [o[3] for o in picked],
                       "scene": scene_to_json(scene)}
@@ -198,82 +212,79 @@ def _write_reasonseg(out: Path, split: str, seed: int, num_items: int, c: Shapes
     return annotations
 
 
-def _type_stats(items: list[dict], max_shapes: int) -> dict:
-    stats = {}
-    for question_type in list(SINGLE_IMAGE) + list(TWO_IMAGE):
-        space = answer_space(question_type, max_shapes)
-        answers = Counter(item["answer"] for item in items if item["question_type"] == question_type)
-        total = sum(answers.values())
-        stats[question_type] = {
-            "answer_type": "OPEN" if space is None else "CLOSED", "count": total,
-            "num_answers": None if space is None else len(space),
-            "chance": None if space is None else 1 / len(space),
-            # always answering the most common answer: the bar a model that ignores the image can reach
-            "majority": None if space is None or not total else answers.most_common(1)[0][1] / total}
-    return stats
-
-
 OUTPUTS = ("images", "reasonseg", "pretrain.json", "sft.json", "val.json", "eval.json", "meta.json")
 
 
 def _prepare(out: Path, stamp: dict) -> bool:
-    """True if `out` already holds this exact dataset; otherwise clear our old outputs (only ours)."""
+    """True if `out` already holds this exact dataset; else clear our old outputs (only ours)."""
     meta_path = out / "meta.json"
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
         if previous.get("generator") != GENERATOR:
-            raise ValueError(f"{meta_path}: not written by {GENERATOR}; refusing to overwrite {out}")
+            raise ValueError(f"{meta_path}: not written by {GENERATOR}; "
+                             f"refusing to overwrite {out}")
         if previous.get("complete") and all(previous.get(k) == v for k, v in stamp.items()):
             return True
         for name in OUTPUTS:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: not empty and holds no shapes meta.json; choose an empty or new folder")
+        raise ValueError(f"{out}: not empty and holds no shapes meta.json; "
+                         "choose an empty or new folder")
     return False
 
 
-def generate(out_dir: str | Path, seed: int = 0, config: ShapesConfig | None = None) -> dict[str, Path]:
-    """Write the whole dataset under `out_dir` (skipped if the same seed and config are already there).
+def generate(out_dir: str | Path, seed: int = 0,
+             config: ShapesConfig | None = None) -> dict[str, Path]:
+    """Write the whole dataset under `out_dir`, unless the same seed and config are already there.
 
-    Returns the paths by name: pretrain, sft, val, eval (files), reasonseg_{train,val,test} (folders), meta.
+    Returns the paths by name: pretrain, sft, val, eval (files), reasonseg_{train,val,test}
+    (folders), meta.
     """
     c = config or ShapesConfig()
     out = Path(out_dir)
     paths = {"pretrain": out / "pretrain.json", "sft": out / "sft.json", "val": out / "val.json",
-             "eval": out / "eval.json", **{f"reasonseg_{s}": out / "reasonseg" / s for s in ("train", "val", "test")},
+             "eval": out / "eval.json",
+             **{f"reasonseg_{s}": out / "reasonseg" / s for s in ("train", "val", "test")},
              "meta": out / "meta.json"}
     stamp = {"generator": GENERATOR, "version": VERSION, "seed": seed, "config": asdict(c)}
     if _prepare(out, stamp):
         return paths
     out.mkdir(parents=True, exist_ok=True)
-    paths["meta"].write_text(json.dumps({**stamp, "complete": False}))  # marks a half-written folder as ours
+    # marks a half-written folder as ours
+    paths["meta"].write_text(json.dumps({**stamp, "complete": False}))
 
     pretrain, sft = _write_train(out, seed, c)
     val = _write_eval(out, "val", seed, c.num_val, c)
     test = _write_eval(out, "test", seed, c.num_test, c)
     seg = {s: _write_reasonseg(out, s, seed, n, c)
-           for s, n in (("train", c.num_seg_train), ("val", c.num_seg_val), ("test", c.num_seg_test))}
+           for s, n in (("train", c.num_seg_train), ("val", c.num_seg_val),
+                        ("test", c.num_seg_test))}
     for name, records in (("pretrain", pretrain), ("sft", sft), ("val", val), ("eval", test)):
         paths[name].write_text(json.dumps(records, indent=1))
 
     meta = {**stamp, "complete": True, "image_size": c.image_size,
-            "counts": {"train_images": c.num_train_images, "pretrain": len(pretrain), "sft_records": len(sft),
-                       "sft_questions": sum(len(r["question_types"]) for r in sft), "val": len(val),
-                       "eval": len(test), **{f"reasonseg_{s}": len(a) for s, a in seg.items()}},
-            "question_types": {"val": _type_stats(val, c.max_shapes), "eval": _type_stats(test, c.max_shapes)},
-            "referring_types": {s: dict(sorted(Counter(a["referring_types"][0] for a in anns).items()))
-                                for s, anns in seg.items()},
+            "counts": {"train_images": c.num_train_images, "pretrain": len(pretrain),
+                       "sft_records": len(sft),
+                       "sft_questions": sum(len(r["question_types"]) for r in sft),
+                       "val": len(val), "eval": len(test),
+                       **{f"reasonseg_{s}": len(a) for s, a in seg.items()}},
+            "question_types": {"val": question_type_stats(val, c.max_shapes),
+                               "eval": question_type_stats(test, c.max_shapes)},
+            "referring_types": {s: referring_type_counts(anns) for s, anns in seg.items()},
             "files": {name: str(path.relative_to(out)) for name, path in paths.items()}}
     paths["meta"].write_text(json.dumps(meta, indent=1))
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; must be empty or ours)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (created; must be empty or ours)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="start from ShapesConfig.quick()'s tiny counts")
+    parser.add_argument("--quick", action="store_true",
+                        help="start from ShapesConfig.quick()'s tiny counts")
     quick = "--quick" in (sys.argv[1:] if argv is None else argv)
     add_config_args(parser, ShapesConfig, defaults=asdict(ShapesConfig.quick()) if quick else None)
     args = parser.parse_args(argv)

@@ -19,7 +19,8 @@ from minivlm.data.shapes_scene import COLOURS, KINDS, Scene, Shape, describe_sce
 DIRECTIONS = {  # name: (coordinate, sign), sign +1 means "larger coordinate wins"
     "left": ("cx", -1), "right": ("cx", +1), "top": ("cy", -1), "bottom": ("cy", +1)}
 RELATION_WORDS = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}
-SIDE_WORDS = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below"}
+SIDE_WORDS = {"left": "to the left of", "right": "to the right of", "top": "above",
+              "bottom": "below"}
 ORDINALS = ("the first image", "the second image")
 LARGER_BY = 1.25  # "the largest shape" needs 25% more pixels than the runner-up
 
@@ -45,19 +46,21 @@ def _extreme(scene: Scene, direction: str, image_size: int) -> Shape | None:
     """The shape furthest in `direction`, if it leads every other shape by the margin."""
     coordinate, sign = DIRECTIONS[direction]
     ranked = sorted(scene, key=lambda s: sign * getattr(s, coordinate), reverse=True)
-    if len(ranked) < 2 or sign * (getattr(ranked[0], coordinate) - getattr(ranked[1], coordinate)) < margin(image_size):
+    if len(ranked) < 2:
         return None
-    return ranked[0]
+    lead = sign * (getattr(ranked[0], coordinate) - getattr(ranked[1], coordinate))
+    return ranked[0] if lead >= margin(image_size) else None
 
 
-# ---------------------------------------------------------------------------- single-image questions
+# ---------------------------------------------------------------------------- one-image questions
 def ask_count(rng: random.Random, scene: Scene, image_size: int) -> Question:
     return Question("How many shapes are there?", str(len(scene)), "count")
 
 
 def ask_count_kind(rng: random.Random, scene: Scene, image_size: int) -> Question:
     kind = rng.choice(KINDS)
-    return Question(f"How many {kind}s are there?", str(sum(s.kind == kind for s in scene)), "count_kind")
+    return Question(f"How many {kind}s are there?",
+                    str(sum(s.kind == kind for s in scene)), "count_kind")
 
 
 def ask_colour(rng: random.Random, scene: Scene, image_size: int) -> Question | None:
@@ -73,7 +76,8 @@ def ask_kind(rng: random.Random, scene: Scene, image_size: int) -> Question | No
     if not colours:
         return None
     colour = rng.choice(colours)
-    return Question(f"What is the shape of the {colour} object?", _unique(scene, colour=colour).kind, "shape")
+    return Question(f"What is the shape of the {colour} object?",
+                    _unique(scene, colour=colour).kind, "shape")
 
 
 def ask_extreme(rng: random.Random, scene: Scene, image_size: int) -> Question | None:
@@ -98,7 +102,8 @@ def ask_relation(rng: random.Random, scene: Scene, image_size: int) -> Question 
     if not options:
         return None
     a, b, direction, answer = rng.choice(options)
-    return Question(f"Is the {a.name} {RELATION_WORDS[direction]} the {b.name}?", answer, "relation")
+    return Question(f"Is the {a.name} {RELATION_WORDS[direction]} the {b.name}?", answer,
+                    "relation")
 
 
 def ask_exists(rng: random.Random, scene: Scene, image_size: int) -> Question:
@@ -113,8 +118,9 @@ def ask_describe(rng: random.Random, scene: Scene, image_size: int) -> Question:
     return Question("Describe the image.", describe_scene(scene, image_size), "describe", "OPEN")
 
 
-SINGLE_IMAGE = {"count": ask_count, "count_kind": ask_count_kind, "colour": ask_colour, "shape": ask_kind,
-                "extreme": ask_extreme, "relation": ask_relation, "exists": ask_exists, "describe": ask_describe}
+SINGLE_IMAGE = {"count": ask_count, "count_kind": ask_count_kind, "colour": ask_colour,
+                "shape": ask_kind, "extreme": ask_extreme, "relation": ask_relation,
+                "exists": ask_exists, "describe": ask_describe}
 
 
 # ---------------------------------------------------------------------------- two-image questions
@@ -123,11 +129,13 @@ def ask_multi_count(rng: random.Random, scenes: tuple[Scene, Scene], image_size:
                     str(len(scenes[0]) + len(scenes[1])), "multi_count")
 
 
-def ask_multi_which(rng: random.Random, scenes: tuple[Scene, Scene], image_size: int) -> Question | None:
+def ask_multi_which(rng: random.Random, scenes: tuple[Scene, Scene],
+                    image_size: int) -> Question | None:
     """"Which image has a circle?" for a property found in exactly one of the two images."""
     def properties(scene: Scene) -> dict[str, str]:
-        found = {f"a {s.kind}": "kind" for s in scene} | {f"a {s.colour} shape": "colour" for s in scene}
-        return found | {f"a {s.name}": "name" for s in scene}
+        kinds = {f"a {s.kind}": "kind" for s in scene}
+        colours = {f"a {s.colour} shape": "colour" for s in scene}
+        return kinds | colours | {f"a {s.name}": "name" for s in scene}
 
     first, second = properties(scenes[0]), properties(scenes[1])
     index = rng.randrange(2)  # pick the answer first so first/second are balanced
@@ -170,16 +178,17 @@ def referring_expressions(scene: Scene, image_size: int) -> list[tuple[Shape, st
         for a in scene:  # anchors named by one attribute, pointing at the target by the other
             if a is t:
                 continue
-            if a.colour == t.colour and _unique(scene, kind=a.kind) and sum(s.colour == t.colour for s in scene) == 2:
+            if (a.colour == t.colour and _unique(scene, kind=a.kind)
+                    and sum(s.colour == t.colour for s in scene) == 2):
                 found.append((t, f"the shape with the same colour as the {a.kind}",
                               f"Which shape has the same colour as the {a.kind}?", "same_colour"))
             if a.kind == t.kind and sum(s.kind == t.kind for s in scene) == 2:
-                found.append((t, f"the {t.kind} that is not {a.colour}", f"Which {t.kind} is not {a.colour}?",
-                              "same_kind"))
+                found.append((t, f"the {t.kind} that is not {a.colour}",
+                              f"Which {t.kind} is not {a.colour}?", "same_kind"))
         for direction in DIRECTIONS:
             if _extreme(scene, direction, image_size) is t:
-                found.append((t, f"the {direction}-most shape", f"Which shape is furthest to the {direction}?",
-                              "extreme"))
+                found.append((t, f"the {direction}-most shape",
+                              f"Which shape is furthest to the {direction}?", "extreme"))
     found += _size_expressions(scene, image_size) + _relative_expressions(scene, image_size)
     return found
 
@@ -198,7 +207,8 @@ def _size_expressions(scene: Scene, image_size: int) -> list[tuple[Shape, str, s
 
 
 def _relative_expressions(scene: Scene, image_size: int) -> list[tuple[Shape, str, str, str]]:
-    """"the shape to the right of the green circle": the only other shape on that side, all clearly placed."""
+    """"the shape to the right of the green circle": the only other shape on that side, all
+    clearly placed."""
     found = []
     for anchor in scene:
         others = [s for s in scene if s is not anchor]

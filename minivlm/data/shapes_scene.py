@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle")
 # Saturated, far-apart colours that stay distinct after JPEG at 32x32 and after 2x2 patching.
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 230), "yellow": (240, 200, 20)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 230),
+           "yellow": (240, 200, 20)}
 BACKGROUND = (255, 255, 255)
 SPLIT_CELLS = 4  # the canonical key places each centre on a 4x4 grid
 SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}  # share of key-hash space per split
@@ -57,7 +58,8 @@ class Shape:
             return [(x0 + round(last / 2), y0), (x0 + last, y0 + last), (x0, y0 + last)]
         radius, num_points = last / 2, max(16, 2 * self.size)  # enough points to read as round
         points = [(round(self.cx + radius * math.cos(2 * math.pi * k / num_points)),
-                   round(self.cy + radius * math.sin(2 * math.pi * k / num_points))) for k in range(num_points)]
+                   round(self.cy + radius * math.sin(2 * math.pi * k / num_points)))
+                  for k in range(num_points)]
         return [p for i, p in enumerate(points) if p != points[i - 1]]  # drop repeated vertices
 
 
@@ -85,14 +87,15 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 
 def sample_scene(rng: random.Random, image_size: int, num_shapes: int, size_range: tuple[int, int],
                  gap: int) -> Scene:
-    """Rejection-sample `num_shapes` shapes with distinct (colour, kind) and boxes `gap` px apart."""
+    """Rejection-sample `num_shapes` shapes of distinct (colour, kind), boxes `gap` px apart."""
     pairs = rng.sample([(kind, colour) for kind in KINDS for colour in COLOURS], num_shapes)
     for _ in range(1000):  # restart with new sizes when the boxes do not fit
         placed: list[Shape] = []
         for kind, colour in pairs:
             size = rng.randint(*size_range)
+            last = image_size - 1 - size  # the largest x0 or y0 that leaves a 1-px border
             for _ in range(30):
-                x0, y0 = rng.randint(1, image_size - 1 - size), rng.randint(1, image_size - 1 - size)
+                x0, y0 = rng.randint(1, last), rng.randint(1, last)
                 if all(_apart(x0, y0, size, other, gap) for other in placed):
                     placed.append(Shape(kind, colour, x0, y0, size))
                     break
@@ -100,7 +103,8 @@ def sample_scene(rng: random.Random, image_size: int, num_shapes: int, size_rang
                 break
         if len(placed) == num_shapes:
             return tuple(placed)
-    raise ValueError(f"cannot place {num_shapes} shapes of {size_range} px in a {image_size} px image")
+    raise ValueError(f"cannot place {num_shapes} shapes of {size_range} px "
+                     f"in a {image_size} px image")
 
 
 def _apart(x0: int, y0: int, size: int, other: Shape, gap: int) -> bool:
@@ -111,7 +115,8 @@ def _apart(x0: int, y0: int, size: int, other: Shape, gap: int) -> bool:
 
 # ---------------------------------------------------------------------------- split by content
 def scene_key(scene: Scene, image_size: int, size_range: tuple[int, int]) -> str:
-    """Coarse canonical form: order-free, a pixel shift or a size change within a class is the same key."""
+    """Coarse canonical form: order-free, and a pixel shift or a size change within a class
+    keeps the same key."""
     middle = (size_range[0] + size_range[1]) / 2
     cell = image_size / SPLIT_CELLS
     parts = sorted(f"{s.colour}-{s.kind}-{'large' if s.size >= middle else 'small'}"
@@ -143,7 +148,7 @@ def join_words(items: list[str]) -> str:
 
 
 def shape_phrases(scene: Scene, image_size: int) -> list[str]:
-    """"a red circle at the top left", ... ordered left to right (a fixed order the model can learn)."""
+    """"a red circle at the top left", ... left to right (a fixed order the model can learn)."""
     ordered = sorted(scene, key=lambda s: (s.cx, s.cy))
     phrases = []
     for shape in ordered:

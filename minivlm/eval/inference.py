@@ -6,6 +6,8 @@ left-padded so every row's next token lands in the same column of the KV cache.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from PIL import Image
@@ -36,7 +38,8 @@ def encode_prompt(sample: Sample, tokenizer, image_processor, tokens_per_tile: i
     return dict(input_ids=ids, labels=labels, pixel_values=pixels, masks=[])
 
 
-def _batches(items: list, batch_size: int):
+def batches(items: list, batch_size: int) -> Iterator[list]:
+    """Consecutive slices of `items`, `batch_size` long (the last may be shorter)."""
     for start in range(0, len(items), batch_size):
         yield items[start:start + batch_size]
 
@@ -47,7 +50,7 @@ def answer_samples(model, tokenizer, image_processor, samples: list[Sample],
     """Greedy answers, one string per sample."""
     device = next(model.parameters()).device
     answers = []
-    for chunk in _batches(samples, batch_size):
+    for chunk in batches(samples, batch_size):
         batch = collate([encode_prompt(s, tokenizer, image_processor,
                                        model.image_tokens_per_tile) for s in chunk],
                         tokenizer.pad_id, left_pad=True)
@@ -64,13 +67,15 @@ def answer_samples(model, tokenizer, image_processor, samples: list[Sample],
 
 
 @torch.no_grad()
-def predict_masks(model, tokenizer, image_processor, samples: list[Sample], answers: list[str],
-                  batch_size: int = 16, threshold: float = 0.0) -> list[list[torch.Tensor]]:
+def segment_samples(model, tokenizer, image_processor, samples: list[Sample], answers: list[str],
+                    batch_size: int = 16, threshold: float = 0.0) -> list[list[torch.Tensor]]:
     """Binary (H, W) masks for every [SEG] in each sample's `answer` (teacher-forced: the answer
-    text is fed as the assistant turn, as LISA's validation does), at the image's own size."""
+    text is fed as the assistant turn, as LISA's validation does), at the image's own size.
+    `VLM.predict_masks` gives the logits of one padded batch; this batches samples and pairs
+    each sample with its own masks."""
     device = next(model.parameters()).device
     out: list[list[torch.Tensor]] = []
-    for chunk, chunk_answers in zip(_batches(samples, batch_size), _batches(answers, batch_size)):
+    for chunk, chunk_answers in zip(batches(samples, batch_size), batches(answers, batch_size)):
         items = [encode_prompt(s, tokenizer, image_processor, model.image_tokens_per_tile, a)
                  for s, a in zip(chunk, chunk_answers)]
         batch = collate(items, tokenizer.pad_id)

@@ -83,13 +83,14 @@ class Judge:
                 last_problem = f"HTTP {error.code} ({error.reason})"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 reason = getattr(error, "reason", error)
-                last_problem = f"timed out after {self.timeout:g}s" if isinstance(
-                    reason, TimeoutError) else " ".join(str(reason).split()) or type(reason).__name__
+                last_problem = (f"timed out after {self.timeout:g}s"
+                                if isinstance(reason, TimeoutError)
+                                else " ".join(str(reason).split()) or type(reason).__name__)
             else:
                 return self._reply_text(payload)
         tries = self.retries + 1
-        raise JudgeError(f"judge {self.url} unreachable after {tries} tr{'y' if tries == 1 else 'ies'}:"
-                         f" {last_problem}")
+        raise JudgeError(f"judge {self.url} unreachable after "
+                         f"{tries} tr{'y' if tries == 1 else 'ies'}: {last_problem}")
 
     def _reply_text(self, payload: bytes) -> str:
         try:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from minivlm.constants import MASK_IGNORE
@@ -30,7 +29,8 @@ def _as_tensor(mask: MaskLike, what: str) -> Tensor:
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
     if not isinstance(mask, Tensor):
-        raise ValueError(f"{what}: expected a torch tensor or numpy array, found {type(mask).__name__}")
+        raise ValueError(f"{what}: expected a torch tensor or numpy array, "
+                         f"found {type(mask).__name__}")
     if mask.dim() != 2:
         raise ValueError(f"{what}: expected an (H, W) mask, found shape {tuple(mask.shape)}")
     return mask
@@ -47,7 +47,8 @@ def mask_intersection_union(pred: MaskLike, gt: MaskLike, what: str = "mask") ->
             f"{what}: prediction shape {tuple(pred.shape)} != target shape {tuple(gt.shape)}"
         )
     if pred.dtype != torch.bool and not ((pred == 0) | (pred == 1)).all():
-        raise ValueError(f"{what} prediction: expected a binary mask of 0/1 (threshold logits at 0)")
+        raise ValueError(f"{what} prediction: expected a binary mask of 0/1 "
+                         "(threshold logits at 0)")
     gt = gt.to(pred.device)
     if not ((gt == 0) | (gt == 1) | (gt == MASK_IGNORE)).all():
         raise ValueError(f"{what} target: expected values 0, 1 or {MASK_IGNORE} (ignore)")
@@ -75,7 +76,8 @@ def _as_mask_list(masks: MaskLike | list | tuple, what: str) -> list[MaskLike]:
 class SegIoUAccumulator:
     """Streaming gIoU/cIoU: `update` per mask or per batch, `compute` at the end.
 
-    Under DDP call `synced()` (or all_reduce `to_tensor()` yourself) before `compute`.
+    Validation runs on rank 0 alone; to split it over ranks, all_reduce (SUM) each rank's
+    `to_tensor()` and `compute` on `from_tensor` of the result.
     """
 
     intersection_sum: float = 0.0  # sum of I over masks (pixels)
@@ -86,7 +88,8 @@ class SegIoUAccumulator:
     def update(self, pred: MaskLike | list, gt: MaskLike | list) -> None:
         preds, gts = _as_mask_list(pred, "prediction"), _as_mask_list(gt, "target")
         if len(preds) != len(gts):
-            raise ValueError(f"SegIoUAccumulator.update: {len(preds)} predictions for {len(gts)} targets")
+            raise ValueError(f"SegIoUAccumulator.update: {len(preds)} predictions "
+                             f"for {len(gts)} targets")
         for i, (pred_i, gt_i) in enumerate(zip(preds, gts)):
             intersection, union = mask_intersection_union(pred_i, gt_i, what=f"mask {i}")
             self.intersection_sum += intersection
@@ -117,17 +120,6 @@ class SegIoUAccumulator:
     @classmethod
     def from_tensor(cls, sums: Tensor) -> SegIoUAccumulator:
         return cls(*sums.tolist())
-
-    def synced(self, device: torch.device | str | None = None) -> SegIoUAccumulator:
-        """All ranks' sums added together; a copy of self when no process group is running.
-
-        `device` must suit the backend (a CUDA device for NCCL, CPU for gloo).
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            return SegIoUAccumulator(**self.state_dict())
-        sums = self.to_tensor(device)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        return self.from_tensor(sums.cpu())
 
 
 def seg_iou(pred_masks: MaskLike | list, gt_masks: MaskLike | list) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Scoring a text answer against the reference: the final-answer split, normalised match, BERTScore.
+"""Scoring a text answer against the reference: the final-answer split, normalised match and
+BERTScore.
 
 Chiron-o1 models end their reasoning with "### The final answer is: <answer>"; the eval reads
 only what follows the marker. A closed answer is right when it equals the reference after
@@ -8,6 +9,7 @@ Open answers are scored with BERTScore F1 (Zhang et al. 2020) through the bert-s
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -90,11 +92,10 @@ def resolve_bertscore_model(model_type: str | None, num_layers: int | None) -> t
         return model_type, ROBERTA_LARGE_LAYER
     config = Path(model_type) / "config.json"
     if config.is_file():
-        import json
-
         return model_type, int(json.loads(config.read_text())["num_hidden_layers"])
-    raise ValueError(f"BERTScore model '{model_type}': give its layer count (--bertscore-num-layers);"
-                     " it is neither a local model folder nor roberta-large")
+    raise ValueError(f"BERTScore model '{model_type}': give its layer count "
+                     "(--bertscore-num-layers); it is neither a local model folder "
+                     "nor roberta-large")
 
 
 def bertscore_f1(candidates: list[str], references: list[str], model_type: str | None = None,
@@ -106,7 +107,8 @@ def bertscore_f1(candidates: list[str], references: list[str], model_type: str |
     None lets bert-score pick (CUDA when available, else CPU).
     """
     if len(candidates) != len(references):
-        raise ValueError(f"bertscore_f1: {len(candidates)} candidates for {len(references)} references")
+        raise ValueError(f"bertscore_f1: {len(candidates)} candidates "
+                         f"for {len(references)} references")
     # An empty side scores 0, as bert-score documents; its own empty-string path calls a
     # tokenizer method transformers 5 removed, so empty pairs never reach it.
     scored = [i for i, (c, r) in enumerate(zip(candidates, references)) if c.strip() and r.strip()]
@@ -117,13 +119,15 @@ def bertscore_f1(candidates: list[str], references: list[str], model_type: str |
 
     model_type, num_layers = resolve_bertscore_model(model_type, num_layers)
     try:
-        _, _, f1 = bert_score.score([candidates[i] for i in scored], [references[i] for i in scored],
+        _, _, f1 = bert_score.score([candidates[i] for i in scored],
+                                    [references[i] for i in scored],
                                     model_type=model_type, num_layers=num_layers,
                                     batch_size=batch_size, device=device)
     except OSError as error:  # not downloaded and no network, or not a model folder
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"BERTScore model '{model_type}' cannot be loaded ({first_line}); use a local "
-                         "model folder, or the default offline MiniLM") from None
+        message = str(error).strip()
+        first_line = message.splitlines()[0] if message else type(error).__name__
+        raise ValueError(f"BERTScore model '{model_type}' cannot be loaded ({first_line}); "
+                         "use a local model folder, or the default offline MiniLM") from None
     for i, value in zip(scored, f1.tolist()):
         f1_all[i] = value
     return f1_all

@@ -1,51 +1,114 @@
-"""Building a VLM: from configs (fresh), from a checkpoint, and choosing which parts train."""
+"""Building a VLM: from configs (fresh), and giving a loaded one a seg head.
+
+As segment-anything's build_sam.py: the builder reads the config, builds each part and passes it
+into its parent; no constructor decides a size or writes to its config. Sizes a part brings with
+it (a named open_clip model's image size, patch size and width; a SAM decoder's dimensions) are
+resolved here into a new config, so the config.json saved with a checkpoint rebuilds exactly this
+model. `load_pretrained=False` builds the same shapes without fetching pretrained weights, for a
+checkpoint that holds them all (minivlm/weights/checkpoint.py's `load_vlm`).
+"""
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
-import torch
 
-from minivlm.train.checkpoint import load_weights, read_config, resolve_checkpoint
-from minivlm.lora import apply_lora, merge_and_unload
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig,
+                                         build_mask_decoder, load_sam_mask_decoder)
+from minivlm.models.projector import build_projector
+from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer
+from minivlm.models.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTower
 from minivlm.models.vlm import VLM, VLMConfig
+
+
+def build_vision_tower(config: VisionConfig, load_pretrained: bool = True) -> VisionTower:
+    """open_clip's image tower; a named model's own sizes replace the config's."""
+    import open_clip  # imported here: it pulls in torchvision, slow to import
+
+    if config.model_name == "tiny":
+        clip = open_clip.CLIP(
+            embed_dim=config.width,
+            vision_cfg=dict(image_size=config.image_size, patch_size=config.patch_size,
+                            width=config.width, layers=config.layers,
+                            head_width=config.head_width, output_tokens=True),
+            text_cfg=dict(context_length=4, vocab_size=8, width=32, heads=1, layers=1),
+        )
+        mean, std = CLIP_MEAN, CLIP_STD
+    else:
+        pretrained = config.pretrained if load_pretrained else ""
+        clip = open_clip.create_model(config.model_name, pretrained=pretrained or None)
+        preprocess = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
+        if config.pretrained and not load_pretrained:
+            # The normalisation the weights were trained with is the tag's, even when the
+            # weights themselves come from our checkpoint ({} for a file or an unknown tag).
+            preprocess |= open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
+        mean, std = preprocess.get("mean", CLIP_MEAN), preprocess.get("std", CLIP_STD)
+        config = replace(config, image_size=clip.visual.image_size[0],
+                         patch_size=clip.visual.patch_size[0],
+                         width=clip.visual.transformer.width)
+    # Only the image tower is kept, and it returns every patch token, not only the pooled one.
+    clip.visual.output_tokens = True
+    return VisionTower(config, visual=clip.visual, mean=mean, std=std)
+
+
+def resolve_seg_config(config: SegConfig) -> SegConfig:
+    """With `sam_checkpoint` the decoder is SAM's whatever decoder_* say: record SAM's sizes."""
+    if not config.sam_checkpoint:
+        return config
+    sam = MASK_DECODER_PRESETS["sam"]
+    return replace(config, decoder_dim=sam.transformer_dim, decoder_depth=sam.depth,
+                   decoder_heads=sam.num_heads, decoder_mlp_dim=sam.mlp_dim,
+                   iou_head_hidden_dim=sam.iou_head_hidden_dim)
+
+
+def build_seg_head(config: SegConfig, lm_dim: int, vision: VisionTower,
+                   load_pretrained: bool = True) -> SegHead:
+    """LISA's head for a resolved `config`: SAM's decoder weights when `sam_checkpoint` names
+    them (and they are wanted), a random decoder otherwise."""
+    decoder_config = MaskDecoderConfig(
+        transformer_dim=config.decoder_dim, depth=config.decoder_depth,
+        num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim,
+        iou_head_hidden_dim=config.iou_head_hidden_dim)
+    if config.sam_checkpoint and load_pretrained:
+        mask_decoder, prompt_encoder = load_sam_mask_decoder(config.sam_checkpoint,
+                                                             decoder_config)
+    else:
+        mask_decoder, prompt_encoder = build_mask_decoder(decoder_config)
+    return SegHead(mask_decoder=mask_decoder, prompt_encoder=prompt_encoder, lm_dim=lm_dim,
+                   vision_dim=vision.config.width, grid_size=vision.grid_size)
+
+
+def build_vlm_from_config(config: VLMConfig, lm: Transformer | None = None,
+                          load_pretrained: bool = True) -> VLM:
+    """Every part from `config` (or the given `lm`); `model.config` is the resolved config."""
+    # Parts are built in this order so that a seed gives the same initial weights as ever.
+    vision = build_vision_tower(config.vision, load_pretrained)
+    lm = lm if lm is not None else Transformer(config.lm)
+    projector = build_projector(config.projector, vision.config.width, lm.config.dim)
+    seg, seg_head = config.seg, None
+    if seg.enabled:
+        seg = resolve_seg_config(seg)
+        seg_head = build_seg_head(seg, lm.config.dim, vision, load_pretrained)
+    config = replace(config, vision=vision.config, lm=lm.config, seg=seg)
+    return VLM(config, vision=vision, projector=projector, lm=lm, seg_head=seg_head)
+
 
 def build_vlm(config: VLMConfig, tokenizer, lm: Transformer | None = None) -> VLM:
     """A VLM whose vocabulary matches `tokenizer` (a pretrained `lm` gets its embeddings resized
-    for the tokens we add, such as <image> and [SEG])."""
-    config.image_token_id, config.seg_token_id = tokenizer.image_token_id, tokenizer.seg_token_id
+    for the tokens we add, such as <image> and [SEG]). `config` itself is left as it was."""
+    config = replace(config, image_token_id=tokenizer.image_token_id,
+                     seg_token_id=tokenizer.seg_token_id)
     if lm is None:
-        config.lm.vocab_size = tokenizer.vocab_size
+        config = replace(config, lm=replace(config.lm, vocab_size=tokenizer.vocab_size))
     else:
         lm.resize_token_embeddings(tokenizer.vocab_size)
-        config.lm = lm.config
-    return VLM(config, lm=lm)
+        config = replace(config, lm=lm.config)
+    return build_vlm_from_config(config, lm=lm)
 
 
-def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False):
-    """(model, tokenizer, run_config) from a checkpoint directory or a run's `latest`.
-
-    A LoRA checkpoint is rebuilt with its adapters (so training can resume); `merge_lora` folds
-    them into plain weights instead, as the next stage or inference wants.
-    """
-    ckpt = resolve_checkpoint(path)
-    run_config = read_config(ckpt)
-    config = VLMConfig.from_dict(run_config["model"])
-    # The checkpoint holds every weight: never fetch pretrained ones again. The config keeps
-    # naming where the tower's weights first came from ("" = trained here from random).
-    origin = config.vision.pretrained
-    config.vision = dataclasses.replace(config.vision, pretrained="")
-    config.seg = dataclasses.replace(config.seg, sam_checkpoint="")
-    model = VLM(config)
-    model.config.vision.pretrained = origin
-    lora = run_config.get("lora")
-    if lora:
-        apply_lora(model.lm, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                   targets=lora["targets"])
-    load_weights(model, ckpt / "model.safetensors")
-    if lora and merge_lora:
-        merge_and_unload(model)
-        run_config = dict(run_config, lora=None)
-    tokenizer = load_tokenizer(ckpt / "tokenizer")
-    return model.to(device), tokenizer, run_config
+def attach_seg_head(model: VLM, seg_config: SegConfig) -> None:
+    """Gives a VLM without a segmentation head (a checkpoint of a stage before seg) a fresh
+    one built from `seg_config`; `model.config` is replaced by one that records it."""
+    seg = resolve_seg_config(seg_config)
+    model.seg_head = build_seg_head(seg, model.config.lm.dim, model.vision)
+    model.config = replace(model.config, seg=seg)

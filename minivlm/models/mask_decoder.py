@@ -7,7 +7,8 @@ the `[SEG]` token's projected hidden state as the only sparse prompt.
 
 The decoder prepends learned output tokens (one IoU token, 1 + num_multimask_outputs mask
 tokens) to the prompt tokens, runs the TwoWayTransformer against the image, upsamples the image
-4x, and turns each mask token into per-pixel weights (a "hypernetwork" MLP): mask = weights . pixels.
+4x, and turns each mask token into per-pixel weights (a "hypernetwork" MLP):
+mask = weights . pixels.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class MLP(nn.Module):
         self.num_layers = num_layers
         hidden = [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(
-            nn.Linear(n_in, n_out) for n_in, n_out in zip([input_dim] + hidden, hidden + [output_dim])
+            nn.Linear(n_in, n_out)
+            for n_in, n_out in zip([input_dim] + hidden, hidden + [output_dim])
         )
         self.sigmoid_output = sigmoid_output
 
@@ -130,7 +132,7 @@ class MaskDecoder(nn.Module):
         num_prompts = sparse_prompt_embeddings.shape[0]
 
         # 1. Tokens: [iou, mask_0..mask_K, prompt tokens].
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (1+T, C)
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1+T, C)
         output_tokens = output_tokens.unsqueeze(0).expand(num_prompts, -1, -1)  # (B, 1+T, C)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, 1+T+N, C)
 
@@ -146,14 +148,16 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]  # (B, T, C)
 
         # 4. Upscale the image and let each mask token weigh its channels.
-        src = src.transpose(1, 2).reshape(batch, channels, height, width)  # (B, HW, C) -> (B, C, H, W)
+        # (B, HW, C) -> (B, C, H, W)
+        src = src.transpose(1, 2).reshape(batch, channels, height, width)
         upscaled_embedding = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # (B, T, C/8)
         batch, channels, height, width = upscaled_embedding.shape
-        masks = hyper_in @ upscaled_embedding.reshape(batch, channels, height * width)  # (B, T, 4H*4W)
+        # (B, T, C/8) @ (B, C/8, 4H*4W) -> (B, T, 4H*4W)
+        masks = hyper_in @ upscaled_embedding.reshape(batch, channels, height * width)
         masks = masks.reshape(batch, -1, height, width)  # (B, T, 4H, 4W)
 
         # 5. Each mask's IoU with the (unknown) truth, from the IoU token.
@@ -222,7 +226,9 @@ def load_sam_mask_decoder(
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict (dict of tensors), found {type(state).__name__}")
+        raise ValueError(
+            f"{path}: expected a state_dict (dict of tensors), found {type(state).__name__}"
+        )
     decoder, prompt_encoder = build_mask_decoder(config)
     for prefix, module, strict_extras in (
         ("mask_decoder.", decoder, True),

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig, build_mask_decoder,
-                                  load_sam_mask_decoder)
+from minivlm.models.mask_decoder import MaskDecoder
+from minivlm.models.prompt_encoder import NoMaskPromptEncoder
 from minivlm.models.seg_losses import dice_loss, sigmoid_bce_loss
 
 
@@ -28,27 +28,22 @@ class SegConfig:
     decoder_heads: int = 4
     decoder_mlp_dim: int = 128
     iou_head_hidden_dim: int = 64
-    sam_checkpoint: str = ""  # an original SAM .pth: its mask decoder (256 wide) is loaded
+    sam_checkpoint: str = ""  # an original SAM .pth: its decoder is loaded, decoder_* become SAM's
     ce_weight: float = 1.0  # LISA's loss weights
     bce_weight: float = 2.0
     dice_weight: float = 0.5
 
 
 class SegHead(nn.Module):
-    def __init__(self, config: SegConfig, lm_dim: int, vision_dim: int, grid_size: int):
+    """The [SEG] state and the image's patch tokens in, mask logits out. The decoder and prompt
+    pieces come built (models/build.py: random, or SAM's own); here are only LISA's two
+    projections into the decoder's width."""
+
+    def __init__(self, *, mask_decoder: MaskDecoder, prompt_encoder: NoMaskPromptEncoder,
+                 lm_dim: int, vision_dim: int, grid_size: int):
         super().__init__()
-        if config.sam_checkpoint:
-            self.mask_decoder, self.prompt_encoder = load_sam_mask_decoder(config.sam_checkpoint)
-            sam = MASK_DECODER_PRESETS["sam"]  # the config must rebuild this decoder on load
-            config.decoder_dim, config.decoder_depth = sam.transformer_dim, sam.depth
-            config.decoder_heads, config.decoder_mlp_dim = sam.num_heads, sam.mlp_dim
-            config.iou_head_hidden_dim = sam.iou_head_hidden_dim
-        else:
-            self.mask_decoder, self.prompt_encoder = build_mask_decoder(MaskDecoderConfig(
-                transformer_dim=config.decoder_dim, depth=config.decoder_depth,
-                num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim,
-                iou_head_hidden_dim=config.iou_head_hidden_dim))
-        dim = config.decoder_dim
+        self.mask_decoder, self.prompt_encoder = mask_decoder, prompt_encoder
+        dim = mask_decoder.transformer_dim
         # LISA's text_hidden_fcs: Linear(D, D) -> ReLU -> Linear(D, C) (its dropout is 0).
         self.text_hidden_fcs = nn.Sequential(nn.Linear(lm_dim, lm_dim), nn.ReLU(),
                                              nn.Linear(lm_dim, dim))

@@ -19,7 +19,8 @@ from minivlm.constants import MASK_IGNORE
 
 
 def split_ignore(gt_masks: Tensor, ignore_index: int = MASK_IGNORE) -> tuple[Tensor, Tensor]:
-    """(N, H, W) targets with 0/1/ignore -> float `target` (1 on the object) and `valid` (0 on ignore)."""
+    """(N, H, W) targets with 0/1/ignore -> float `target` (1 on the object) and `valid`
+    (0 on ignore)."""
     valid = (gt_masks != ignore_index).float()
     target = (gt_masks == 1).float()
     return target, valid
@@ -44,7 +45,11 @@ def _check_shapes(mask_logits: Tensor, gt_masks: Tensor, name: str) -> None:
 
 
 def sigmoid_bce_loss(
-    mask_logits: Tensor, gt_masks: Tensor, *, ignore_index: int = MASK_IGNORE, reduction: str = "mean"
+    mask_logits: Tensor,
+    gt_masks: Tensor,
+    *,
+    ignore_index: int = MASK_IGNORE,
+    reduction: str = "mean",
 ) -> Tensor:
     """Binary cross-entropy per pixel, averaged over each mask's valid pixels, then over masks."""
     _check_shapes(mask_logits, gt_masks, "sigmoid_bce_loss")
@@ -52,7 +57,8 @@ def sigmoid_bce_loss(
     # float32: under bf16 autocast a sum over a 256x256 mask would lose most of its digits.
     pixel_loss = F.binary_cross_entropy_with_logits(mask_logits.float(), target, reduction="none")
     # A mask with no valid pixel contributes 0 rather than 0/0.
-    per_mask = (pixel_loss * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1.0)  # (N,)
+    valid_pixels = valid.flatten(1).sum(1).clamp(min=1.0)  # (N,)
+    per_mask = (pixel_loss * valid).flatten(1).sum(1) / valid_pixels  # (N,)
     return _reduce(per_mask, reduction)
 
 
@@ -72,7 +78,8 @@ def dice_loss(
     """
     _check_shapes(mask_logits, gt_masks, "dice_loss")
     target, valid = split_ignore(gt_masks, ignore_index)
-    probs = mask_logits.float().sigmoid() * valid  # ignore pixels predict nothing (target is 0 there)
+    # Ignored pixels predict nothing (their target is 0 too).
+    probs = mask_logits.float().sigmoid() * valid
     probs, target = probs.flatten(1), target.flatten(1)  # (N, H*W)
     numerator = 2 * (probs / scale * target).sum(-1)  # (N,)
     denominator = (probs / scale).sum(-1) + (target / scale).sum(-1)  # (N,)

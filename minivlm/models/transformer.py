@@ -1,18 +1,24 @@
 """A Llama-style decoder-only Transformer, written out in full.
 
-Leaves first: RMSNorm -> rotary embeddings -> attention (GQA) -> SwiGLU MLP -> block -> model.
+Leaves first: RMSNorm -> rotary embeddings -> attention (GQA) -> SwiGLU MLP -> block -> model;
+KV-cache decoding is in generation.py, the weight file formats in minivlm/weights/.
 Parameter names follow Hugging Face's LlamaForCausalLM without its "model." prefix
 (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `norm`, `lm_head`), so loading real
 weights (`from_hf`, `from_gguf`) and PEFT adapters is a prefix map, not a translation table.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minivlm.models.generation import KVCache, generate
+from minivlm.weights.gguf import read_gguf_checkpoint
+from minivlm.weights.hf import read_hf_checkpoint, write_hf_checkpoint
+from minivlm.weights.state_dict import check_state_dict
 
 
 @dataclass
@@ -104,27 +110,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-class KVCache:
-    """Pre-allocated keys/values for every layer; `length` is how many positions are filled."""
-
-    def __init__(self, config: TransformerConfig, batch_size: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.length = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Writes this step's (B, nkv, T, hd) keys/values and returns all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache: {end} positions exceed the cache size {self.max_len}")
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -138,9 +123,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None, layer_index: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
@@ -252,45 +237,13 @@ class Transformer(nn.Module):
             kv_cache.length += T
         return self.norm(x)
 
-    @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prefill the prompt once, then decode one token at a time from the KV cache.
-
-        Batches are left-padded (attention_mask 0 on the left), so every row's next token is
-        written at the same column. Returns the new tokens (B, N); rows that hit a stop token are
-        filled with `pad_token_id` afterwards. temperature=0 is greedy.
-        """
-        prompt = input_ids if input_ids is not None else inputs_embeds
-        B, T = prompt.shape[:2]
-        device = prompt.device
-        dtype = self.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
-        # Never decode past the context: stop early instead of failing mid-answer.
-        max_new_tokens = min(max_new_tokens, self.config.max_seq_len - T)
-        if max_new_tokens <= 0:
-            raise ValueError(f"the prompt has {T} tokens: no room left in max_seq_len="
-                             f"{self.config.max_seq_len} to generate")
-        cache = KVCache(self.config, B, T + max_new_tokens, device, dtype)
-        logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                      attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)
-        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        new_tokens = []
-        for _ in range(max_new_tokens):
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            token = token.masked_fill(finished, pad_token_id)
-            new_tokens.append(token)
-            finished |= torch.isin(token, stop)
-            if bool(finished.all()):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            logits = self(input_ids=token[:, None], attention_mask=attention_mask,
-                          kv_cache=cache)[:, -1]
-        return torch.stack(new_tokens, dim=1) if new_tokens else prompt.new_zeros(B, 0).long()
+        """New tokens (B, N) by KV-cache decoding, left-padded batches; see generation.py."""
+        return generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens,
+                        temperature, top_k, top_p, stop_token_ids, pad_token_id, generator)
 
     def resize_token_embeddings(self, new_vocab_size: int):
         """Grow (or shrink) the vocabulary; new rows start at the mean embedding, as HF suggests,
@@ -303,32 +256,39 @@ class Transformer(nn.Module):
         new_embed.weight.data[:keep] = old[:keep]
         new_embed.weight.data[keep:] = old.mean(0)
         self.embed_tokens = new_embed
+        old_head = self.lm_head.weight.data
+        self.lm_head = nn.Linear(old.shape[1], new_vocab_size, bias=False, device=old.device,
+                                 dtype=old.dtype)
         if self.config.tie_embeddings:
-            self.lm_head = nn.Linear(old.shape[1], new_vocab_size, bias=False,
-                                     device=old.device, dtype=old.dtype)
             self.lm_head.weight = self.embed_tokens.weight
         else:
-            old_head = self.lm_head.weight.data
-            self.lm_head = nn.Linear(old.shape[1], new_vocab_size, bias=False,
-                                     device=old.device, dtype=old.dtype)
             self.lm_head.weight.data[:keep] = old_head[:keep]
             self.lm_head.weight.data[keep:] = old_head.mean(0)
-        self.config.vocab_size = new_vocab_size
+        # A new config rather than an edit: a config object may be shared (a VLMConfig's lm).
+        self.config = replace(self.config, vocab_size=new_vocab_size)
 
-    # Real weights: the conversions live in their own files; these are the entry points.
+    # Real weights: the file formats live in minivlm/weights/; these are the entry points.
+    @classmethod
+    def from_state_dict(cls, config: TransformerConfig, state: dict[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32, source: str = "state dict"):
+        """A model holding `state` (our names); a bad name or shape is an error naming `source`."""
+        model = cls(config).to(dtype)
+        state = check_state_dict(state, model.state_dict(), config.tie_embeddings, source)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
     @classmethod
     def from_hf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Transformer":
-        from minivlm.weights.hf import load_hf_checkpoint
-        return load_hf_checkpoint(path, dtype=dtype)
+        fields, state = read_hf_checkpoint(path)
+        return cls.from_state_dict(TransformerConfig(**fields), state, dtype, str(path))
 
     def to_hf(self, path: str | Path) -> None:
-        from minivlm.weights.hf import save_hf_checkpoint
-        save_hf_checkpoint(self, path)
+        write_hf_checkpoint(path, self.state_dict(), self.config.to_dict())
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Transformer":
-        from minivlm.weights.gguf import load_gguf_model
-        return load_gguf_model(path, dtype=dtype)
+        fields, state, _ = read_gguf_checkpoint(path)
+        return cls.from_state_dict(TransformerConfig(**fields), state, dtype, str(path))
 
 
 def positions_from_mask(attention_mask, past_len: int, query_len: int, device) -> torch.Tensor:
@@ -338,22 +298,3 @@ def positions_from_mask(attention_mask, past_len: int, query_len: int, device) -
     positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
     return positions.clamp(min=0)[:, past_len:past_len + query_len]  # (B, T)
 
-
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
-                      top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature  # (B, V)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p (keeps at least one).
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

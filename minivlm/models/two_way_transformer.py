@@ -55,7 +55,8 @@ class Attention(nn.Module):
 
     def _separate_heads(self, x: Tensor) -> Tensor:
         batch, num_tokens, channels = x.shape
-        x = x.reshape(batch, num_tokens, self.num_heads, channels // self.num_heads)  # (B, N, nh, hs)
+        head_size = channels // self.num_heads
+        x = x.reshape(batch, num_tokens, self.num_heads, head_size)  # (B, N, nh, hs)
         return x.transpose(1, 2)  # (B, nh, N, hs)
 
     def _recombine_heads(self, x: Tensor) -> Tensor:
@@ -174,7 +175,9 @@ class TwoWayTransformer(nn.Module):
         # The input tokens double as the queries' positional encoding in every block (SAM).
         queries, keys = point_embedding, image_embedding
         for layer in self.layers:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=image_pe)
+            queries, keys = layer(
+                queries=queries, keys=keys, query_pe=point_embedding, key_pe=image_pe
+            )
 
         q = queries + point_embedding
         k = keys + image_pe

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivlm.constants import IGNORE_INDEX
-from minivlm.models.projector import ProjectorConfig, build_projector, tokens_per_tile
+from minivlm.models.projector import ProjectorConfig, tokens_per_tile
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig, VisionTower
@@ -25,7 +25,9 @@ from minivlm.models.vision import VisionConfig, VisionTower
 
 @dataclass
 class VLMConfig:
-    """Every sub-config of the model; saved as config.json in each checkpoint."""
+    """Every sub-config of the model; saved as config.json in each checkpoint. A built model's
+    config is the resolved one (models/build.py): sizes a named open_clip model or a SAM
+    checkpoint fixes are filled in, so the saved file alone rebuilds the model."""
 
     lm: TransformerConfig = field(default_factory=TransformerConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -56,14 +58,18 @@ class VLMOutput:
 
 
 class VLM(nn.Module):
-    def __init__(self, config: VLMConfig, lm: Transformer | None = None):
+    """The parts come built (models/build.py), as segment-anything's Sam takes its encoder and
+    decoder; `config` describes them and is never written here."""
+
+    def __init__(self, config: VLMConfig, *, vision: VisionTower, projector: nn.Module,
+                 lm: Transformer, seg_head: SegHead | None = None):
         super().__init__()
         self.config = config
-        self.vision = VisionTower(config.vision)
-        self.lm = lm if lm is not None else Transformer(config.lm)
-        self.projector = build_projector(config.projector, config.vision.width, config.lm.dim)
-        self.seg_head = SegHead(config.seg, config.lm.dim, config.vision.width,
-                                self.vision.grid_size) if config.seg.enabled else None
+        # Registration order is parameter order, which a saved optimizer state is indexed by.
+        self.vision = vision
+        self.lm = lm
+        self.projector = projector
+        self.seg_head = seg_head
 
     @property
     def image_tokens_per_tile(self) -> int:

@@ -17,13 +17,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 
 from minivlm.files import write_text_atomic
 from minivlm.train.distributed import DistributedEnv, barrier
-
-LATEST = "latest"
-
+from minivlm.weights.checkpoint import LATEST
 
 def save_checkpoint(out_dir: str | Path, step: int, *, model, config: dict, tokenizer,
                     trainer_state: dict, optimizer, env: DistributedEnv, keep: int = 0,
@@ -65,45 +63,6 @@ def prune(out_dir: Path, keep: int, just_saved: str) -> None:
     others = [d for d in sorted(out_dir.glob("step_*")) if d.name != just_saved]
     for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (follows its `latest`) or a step directory -> the step directory."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ValueError(f"{path}: not a minivlm checkpoint (expected config.json and "
-                         "model.safetensors, or a run directory with a 'latest' file)")
-    return path
-
-
-def read_config(ckpt_dir: Path) -> dict:
-    try:
-        return json.loads((ckpt_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{ckpt_dir / 'config.json'}: unreadable ({error})") from None
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights strictly, naming the first tensor that is missing or mis-shaped."""
-    state = load_file(str(path))
-    expected = model.state_dict()
-    # Tied weights (embed_tokens / lm_head) share storage; save_model kept one of the names.
-    aliases: dict[int, set[str]] = {}
-    for name, tensor in expected.items():
-        aliases.setdefault(tensor.data_ptr(), set()).add(name)
-    for name, tensor in expected.items():
-        if not aliases[tensor.data_ptr()] & state.keys():
-            raise ValueError(f"{path}: missing tensor '{name}' {tuple(tensor.shape)}")
-        if name in state and state[name].shape != tensor.shape:
-            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(tensor.shape)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensor '{unexpected[0]}' "
-                         f"({len(unexpected)} in all) for this model config")
-    model.load_state_dict(state, strict=False)
 
 
 def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, zero1: bool) -> tuple[dict, bool]:

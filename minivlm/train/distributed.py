@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,6 +70,9 @@ def init_distributed(ddp: bool, device_hint: str | torch.device | None = None) -
 
 def cleanup(env: DistributedEnv) -> None:
     if dist.is_initialized():
+        # Every rank arrives before any tears down: destroying the group while a peer still
+        # talks to it aborts that peer ("terminate called without an active exception").
+        barrier(env)
         dist.destroy_process_group()
 
 
@@ -81,7 +83,7 @@ def barrier(env: DistributedEnv) -> None:
 
 
 def all_reduce_mean(value: float | torch.Tensor, env: DistributedEnv) -> float | torch.Tensor:
-    """The mean over ranks of a number or tensor (e.g. a loss for logging); returns the same kind."""
+    """The mean over ranks of a number or tensor (e.g. a loss for logging), as the same kind."""
     if not env.distributed:
         return value
     if torch.is_tensor(value):
@@ -93,29 +95,8 @@ def all_reduce_mean(value: float | torch.Tensor, env: DistributedEnv) -> float |
     return total.item() / env.world_size
 
 
-def broadcast_object(obj: Any, env: DistributedEnv, src: int = 0) -> Any:
-    """Rank src's picklable object on every rank (e.g. a resume step or a data order)."""
-    if not env.distributed:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def broadcast_parameters(model: nn.Module, env: DistributedEnv, src: int = 0) -> None:
-    """Copy rank src's parameters and buffers to every rank, so all replicas start identical.
-
-    DistributedDataParallel already does this when it wraps a model; this is for training
-    without DDP's wrapper (or to re-sync after loading weights on one rank only).
-    """
-    if not env.distributed:
-        return
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor, src=src)
-
-
-def wrap_ddp(model: nn.Module, env: DistributedEnv, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_ddp(model: nn.Module, env: DistributedEnv,
+             find_unused_parameters: bool = False) -> nn.Module:
     """DistributedDataParallel around the model (which must already be on env.device).
 
     find_unused_parameters=True is needed when some trainable parameters get no gradient in a
@@ -124,12 +105,8 @@ def wrap_ddp(model: nn.Module, env: DistributedEnv, find_unused_parameters: bool
     if not env.distributed:
         return model
     device_ids = [env.local_rank] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (for saving, generating or reading parameters by name)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def no_sync_if(model: nn.Module, condition: bool) -> contextlib.AbstractContextManager:

@@ -2,7 +2,9 @@
 
 Flags come from the config dataclasses (cli.py): TrainConfig (no prefix), VisionConfig
 (--vision-*), ProjectorConfig (--projector-*), TransformerConfig (--lm-*), SegConfig (--seg-*),
-LoRAConfig (--lora-*). A stage starts from one of:
+LoRAConfig (--lora-*). `--model-preset NAME` (models/presets.py) and `--lm-preset NAME`
+(transformer.PRESETS) change the size flags' defaults; a size flag given explicitly still wins.
+A stage starts from one of:
   --init-from CKPT    the previous stage's checkpoint (weights + tokenizer; LoRA merged in)
   --lm-gguf FILE      a real language model from a GGUF file (its tokenizer too)
   --lm-hf DIR         a real language model from a Hugging Face checkpoint directory
@@ -15,20 +17,26 @@ from dataclasses import dataclass
 
 import torch
 
-from minivlm.models.build import build_vlm, load_vlm
-from minivlm.cli import add_config_args, config_from_args
+from minivlm.cli import add_config_args, config_from_args, set_config_defaults
 from minivlm.data.batch import ChatDataset
-from minivlm.data.readers import expand_referring_texts, read_dataset
-from minivlm.train.distributed import DistributedEnv, init_distributed
-from minivlm.lora import apply_lora, count_parameters, mark_trainable
-from minivlm.models.projector import ProjectorConfig
-from minivlm.models.seg_head import SegConfig, SegHead
+from minivlm.data.image_processor import ImageProcessor
+from minivlm.data.readers import read_dataset
+from minivlm.data.reasonseg import expand_referring_texts
+from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.data.tokenizer import load_tokenizer
-from minivlm.train.trainable import set_trainable
-from minivlm.train.trainer import TrainConfig
+from minivlm.lora import apply_lora
+from minivlm.models.build import attach_seg_head, build_vlm
+from minivlm.models.presets import LM_PRESETS, MODEL_PRESETS, preset_overrides
+from minivlm.models.projector import ProjectorConfig
+from minivlm.models.seg_head import SegConfig
 from minivlm.models.transformer import Transformer, TransformerConfig
-from minivlm.models.vision import ImageProcessor, VisionConfig
+from minivlm.models.vision import VisionConfig
 from minivlm.models.vlm import VLM, VLMConfig
+from minivlm.train.distributed import DistributedEnv, init_distributed
+from minivlm.train.trainable import set_trainable, trainable_table
+from minivlm.train.trainer import TrainConfig
+from minivlm.weights.checkpoint import load_vlm
+from minivlm.weights.gguf_loader import load_gguf
 
 
 @dataclass
@@ -36,7 +44,7 @@ class LoRAConfig:
     r: int = 0  # 0 = no adapters: the parts named by --train train fully
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: str = "attn,mlp"  # module names, groups (attn, mlp, all-linear, projector), re:...
+    targets: str = "attn,mlp"  # module names, groups (attn, mlp, all-linear), re:...
     train_extra: str = ""  # modules trained fully beside the adapters, comma-separated
 
 
@@ -47,16 +55,24 @@ class SourceConfig:
     lm_hf: str = ""
 
 
+def _split(names: str) -> tuple[str, ...]:
+    return tuple(filter(None, names.split(",")))
+
+
 def parse_args(description: str, argv=None, train_defaults: dict | None = None,
-               lora_defaults: dict | None = None, seg_defaults: dict | None = None):
+               lora_defaults: dict | None = None):
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-preset", default="", choices=sorted(MODEL_PRESETS),
+                        help="sizes of the whole model (models/presets.py)")
+    parser.add_argument("--lm-preset", default="", choices=sorted(LM_PRESETS),
+                        help="the language model's shape (transformer.PRESETS)")
     add_config_args(parser, TrainConfig, defaults=train_defaults)
     add_config_args(parser, SourceConfig)
     add_config_args(parser, VisionConfig, "vision")
     add_config_args(parser, ProjectorConfig, "projector")
     add_config_args(parser, TransformerConfig, "lm")
-    add_config_args(parser, SegConfig, "seg", defaults=seg_defaults)
+    add_config_args(parser, SegConfig, "seg")
     add_config_args(parser, LoRAConfig, "lora", defaults=lora_defaults)
     parser.add_argument("--train-extra", dest="lora_train_extra", default=argparse.SUPPRESS,
                         help="alias of --lora-train-extra")
@@ -66,6 +82,11 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     parser.add_argument("--val-limit", type=int, default=200,
                         help="validation items evaluated every --eval-every steps")
     args = parser.parse_args(argv)
+    presets = preset_overrides(args.model_preset, args.lm_preset)
+    if presets:  # parse again with the presets' sizes as defaults, so explicit flags win
+        for prefix, values in presets.items():
+            set_config_defaults(parser, prefix, values)
+        args = parser.parse_args(argv)
     args.train_config = config_from_args(args, TrainConfig)
     args.source = config_from_args(args, SourceConfig)
     args.lora_config = config_from_args(args, LoRAConfig, "lora")
@@ -74,7 +95,8 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
 
 def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
                   with_seg: bool = False):
-    """(model, tokenizer, run_config) with the right parameters trainable; prints the counts."""
+    """(model, tokenizer, run_config) with the right parameters trainable (trainable.py decides);
+    the main rank prints what trains as a table."""
     train, source = args.train_config, args.source
     seg_config = config_from_args(args, SegConfig, "seg")
     seg_config.enabled = seg_config.enabled or with_seg
@@ -86,23 +108,20 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
         pretrained_parts = {"projector", "lm"} | ({"vision"} if model.config.vision.pretrained
                                                   else set())
         if seg_config.enabled and model.seg_head is None:  # e.g. seg stage after SFT
-            model.config.seg = seg_config
-            model.seg_head = SegHead(seg_config, model.config.lm.dim, model.config.vision.width,
-                                     model.vision.grid_size)
+            attach_seg_head(model, seg_config)
     else:
         lm = None
         if source.lm_gguf:
-            from minivlm.weights.gguf import load_gguf
             lm, tokenizer = load_gguf(source.lm_gguf)
             pretrained_parts.add("lm")
         elif source.lm_hf:
-            from minivlm.data.tokenizer import load_hf_tokenizer
             lm, tokenizer = Transformer.from_hf(source.lm_hf), load_hf_tokenizer(source.lm_hf)
             pretrained_parts.add("lm")
         elif source.tokenizer:
             tokenizer = load_tokenizer(source.tokenizer)
         else:
-            raise ValueError("pass --init-from CKPT, --lm-gguf FILE, --lm-hf DIR or --tokenizer DIR")
+            raise ValueError("pass --init-from CKPT, --lm-gguf FILE, --lm-hf DIR or "
+                             "--tokenizer DIR")
         vision = config_from_args(args, VisionConfig, "vision")
         if vision.pretrained:
             pretrained_parts.add("vision")
@@ -110,35 +129,22 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
                            projector=config_from_args(args, ProjectorConfig, "projector"),
                            seg=seg_config)
         model = build_vlm(config, tokenizer, lm=lm)
-    # "auto": the stage's own parts, plus anything still random (it has to learn from scratch).
-    parts = (auto_parts | ({"vision", "projector", "lm"} - pretrained_parts)
-             if train.train == "auto" else set(filter(None, train.train.split(","))))
-    if not seg_config.enabled:
-        parts.discard("seg")
-    if model.config.vision.freeze:  # --vision-freeze wins over "auto"
-        parts.discard("vision")
-    set_trainable(model, parts)
     lora = args.lora_config
     run_config = {"stage": stage, "model": model.config.to_dict(), "lora": None}
     if lora.r > 0:
-        trained_fully = [n for n, p in model.named_parameters() if p.requires_grad]
         # Adapters go on the language model only, as LISA does (the mask decoder's attention
         # also has q_proj/k_proj/v_proj, but it trains fully when it trains at all).
         apply_lora(model.lm, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                   targets=tuple(filter(None, lora.targets.split(","))))
-        extras = tuple(filter(None, lora.train_extra.split(",")))
-        mark_trainable(model, extras)
-        # Parts the stage trains that LoRA does not cover (e.g. the projector) keep training.
-        for name, p in model.named_parameters():
-            if name in trained_fully and not name.startswith("lm."):
-                p.requires_grad_(True)
+                   targets=_split(lora.targets))
         run_config["lora"] = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                  targets=tuple(filter(None, lora.targets.split(","))))
-    trainable, total = count_parameters(model)
+                                  targets=_split(lora.targets))
+    parts = set_trainable(model, train.train, stage_parts=auto_parts, pretrained=pretrained_parts,
+                          lora_extras=_split(lora.train_extra))
     if env.is_main:
-        print(f"[{stage}] parameters: {trainable:,} trainable of {total:,} "
-              f"({100 * trainable / total:.1f}%); training: {sorted(parts)}"
-              + (f" + LoRA r={lora.r}" if lora.r > 0 else ""))
+        adapters = (f"; LoRA r={lora.r} on {lora.targets}, extras: {lora.train_extra or '-'}"
+                    if lora.r > 0 else "")
+        print(f"[{stage}] --train {train.train}: {', '.join(sorted(parts)) or '-'}{adapters}\n"
+              + trainable_table(model))
     return model, tokenizer, run_config
 
 

@@ -16,16 +16,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from minivlm.train.activation_checkpointing import enable_activation_checkpointing
-from minivlm.train.checkpoint import (config_differences, load_optimizer_state, load_weights,
-                                read_config, resolve_checkpoint, restore_rng, save_checkpoint)
 from minivlm.data.batch import collate
-from minivlm.train.distributed import DistributedEnv, all_reduce_mean, barrier, no_sync_if, wrap_ddp
+from minivlm.train.activation_checkpointing import enable_activation_checkpointing
+from minivlm.train.batch_plan import BatchPlan
+from minivlm.train.checkpoint import (config_differences, load_optimizer_state, restore_rng,
+                                      save_checkpoint)
+from minivlm.train.distributed import (DistributedEnv, all_reduce_mean, barrier, no_sync_if,
+                                       wrap_ddp)
 from minivlm.train.schedule import cosine_warmup_lr
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
+from minivlm.weights.checkpoint import load_weights, read_config, resolve_checkpoint
 
 
 @dataclass
@@ -78,47 +81,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
-class BatchPlan:
-    """This rank's micro-batches, epoch after epoch: DistributedSampler order (set_epoch), then
-    optionally grouped by length so padding is small. Micro-batch m is always the same indices."""
-
-    def __init__(self, lengths: list[int], batch_size: int, env: DistributedEnv, seed: int,
-                 group_by_length: bool):
-        self.lengths, self.batch_size, self.group = lengths, batch_size, group_by_length
-        self.sampler = DistributedSampler(range(len(lengths)), num_replicas=env.world_size,
-                                          rank=env.rank, shuffle=True, seed=seed, drop_last=True)
-        self.per_epoch = len(self.sampler) // batch_size
-        if self.per_epoch == 0:
-            raise ValueError(f"{len(lengths)} examples are fewer than one batch of {batch_size} "
-                             f"per each of {env.world_size} processes")
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        self.sampler.set_epoch(epoch)
-        order = list(self.sampler)[: self.per_epoch * self.batch_size]
-        if self.group:  # sort inside windows of 32 batches: similar lengths share a batch
-            window = 32 * self.batch_size
-            order = [i for s in range(0, len(order), window)
-                     for i in sorted(order[s:s + window], key=self.lengths.__getitem__)]
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if self.group:  # shuffle the batches back, deterministically
-            g = torch.Generator().manual_seed(epoch)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return batches
-
-    def from_micro_step(self, start: int):
-        epoch, offset = divmod(start, self.per_epoch)
-        while True:
-            yield from self.epoch_batches(epoch)[offset:]
-            epoch, offset = epoch + 1, 0
-
-
 class Trainer:
     def __init__(self, model, tokenizer, train_set, config: TrainConfig, env: DistributedEnv,
-                 run_config: dict, evaluate=None):
+                 run_config: dict, validate=None):
         self.config, self.env, self.tokenizer = config, env, tokenizer
         self.model = model.to(env.device)
         self.run_config = dict(run_config, train=asdict(config))
-        self.evaluate = evaluate
+        # validate(model) -> {metric: value}, run on rank 0 every eval_every steps and at the end
+        self.validate = validate
         self.dtype = resolve_dtype(config.dtype, env.device)
         groups = param_groups(self.model, config.weight_decay)
         adamw = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
@@ -190,7 +160,7 @@ class Trainer:
             sharded_optimizer=self.config.zero1)
 
     def fit(self) -> dict:
-        """Train to max_steps; returns the last logged scalars and evaluation metrics."""
+        """Train to max_steps; returns the last logged scalars and validation metrics."""
         c, env = self.config, self.env
         writer = None
         if env.is_main:
@@ -241,9 +211,9 @@ class Trainer:
                 window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
                               t0=time.time())
             last = self.step == c.max_steps
-            if self.evaluate is not None and ((c.eval_every and self.step % c.eval_every == 0)
+            if self.validate is not None and ((c.eval_every and self.step % c.eval_every == 0)
                                               or last):
-                results.update(self._evaluate(writer))
+                results.update(self._validate(writer))
             if (c.save_every and self.step % c.save_every == 0) or last:
                 self.save()
         progress.close()
@@ -272,8 +242,10 @@ class Trainer:
                                  tok_s=f"{scalars['train/tokens_per_s']:.0f}")
             if not self.show_bar:
                 elapsed = time.time() - self.started
-                eta = elapsed / max(1, self.step - self.start_step) * (self.config.max_steps - self.step)
-                mask = (f" bce {scalars['train/mask_bce']:.3f} dice {scalars['train/mask_dice']:.3f}"
+                steps_left = self.config.max_steps - self.step
+                eta = elapsed / max(1, self.step - self.start_step) * steps_left
+                mask = (f" bce {scalars['train/mask_bce']:.3f} "
+                        f"dice {scalars['train/mask_dice']:.3f}"
                         if "train/mask_bce" in scalars else "")
                 print(f"{self.out_dir.name} step {self.step}/{self.config.max_steps} "
                       f"loss {scalars['train/loss']:.3f}{mask} lr {lr:.1e} "
@@ -281,11 +253,11 @@ class Trainer:
                       f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
         return scalars
 
-    def _evaluate(self, writer) -> dict:
+    def _validate(self, writer) -> dict:
         metrics = {}
         if self.env.is_main:
             self.model.eval()
-            metrics = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
+            metrics = {f"val/{k}": v for k, v in self.validate(self.model).items()}
             self.model.train()
             for name, value in metrics.items():
                 writer.add_scalar(name, value, self.step)

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 
-def partition_parameters(param_groups: list[dict], world_size: int) -> list[list[list[torch.Tensor]]]:
-    """Sorted-greedy partition, the same as ZeroRedundancyOptimizer's: result[rank][group] = params.
+def partition_parameters(param_groups: list[dict],
+                         world_size: int) -> list[list[list[torch.Tensor]]]:
+    """Sorted-greedy partition, as ZeroRedundancyOptimizer's: result[rank][group] = params.
 
     The running element count per rank carries across groups, so a small no-decay group evens out
     what the large decay group left unbalanced. A shard lists its parameters in their original
@@ -73,7 +74,9 @@ class ZeRO1(Optimizer):
         # The base class turns tensors or group dicts into self.param_groups (every parameter).
         super().__init__(params, defaults)
         distributed = dist.is_available() and dist.is_initialized()
-        self.process_group = process_group if process_group is not None else (dist.group.WORLD if distributed else None)
+        if process_group is None and distributed:
+            process_group = dist.group.WORLD
+        self.process_group = process_group
         self.world_size = dist.get_world_size(self.process_group) if distributed else 1
         self.rank = dist.get_rank(self.process_group) if distributed else 0
 
@@ -83,26 +86,23 @@ class ZeRO1(Optimizer):
         self.params_per_rank = partition_parameters(self.param_groups, self.world_size)
 
         # Every group is kept, empty or not, so shard group g always mirrors self.param_groups[g].
-        shard_groups = [
-            {**group, "params": params} for group, params in zip(self.param_groups, self.params_per_rank[self.rank])
-        ]
+        shard_groups = [{**group, "params": params} for group, params
+                        in zip(self.param_groups, self.params_per_rank[self.rank])]
         self.optim = optimizer_class(shard_groups, **defaults)
         # The shard optimizer filled in its own defaults (betas, eps, ...): show them here too.
         _copy_hyperparameters(self.optim.param_groups, self.param_groups)
 
-    @property
-    def shard_params(self) -> list[torch.Tensor]:
-        """The parameters this rank updates (for clip_grad_norm_(..., sharded=True))."""
-        return [p for group in self.params_per_rank[self.rank] for p in group]
-
     def add_param_group(self, param_group: dict) -> None:
-        if hasattr(self, "optim"):  # the base constructor adds the initial groups before .optim exists
-            raise NotImplementedError("ZeRO1: pass every param group to the constructor; adding one later would re-shard")
+        # The base constructor adds the initial groups before .optim exists.
+        if hasattr(self, "optim"):
+            raise NotImplementedError("ZeRO1: pass every param group to the constructor; "
+                                      "adding one later would re-shard")
         super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
-        _copy_hyperparameters(self.param_groups, self.optim.param_groups)  # a scheduler may have set lr
+        # A scheduler may have set lr on self.param_groups.
+        _copy_hyperparameters(self.param_groups, self.optim.param_groups)
         loss = self.optim.step(closure)
         self._broadcast_shards()
         return loss
@@ -121,7 +121,8 @@ class ZeRO1(Optimizer):
         for rank, groups in enumerate(self.params_per_rank):
             source = dist.get_global_rank(self.process_group, rank)
             for param in (p for group in groups for p in group):
-                handles.append(dist.broadcast(param.detach(), src=source, group=self.process_group, async_op=True))
+                handles.append(dist.broadcast(param.detach(), src=source,
+                                              group=self.process_group, async_op=True))
         for handle in handles:
             handle.wait()
 
@@ -134,20 +135,23 @@ class ZeRO1(Optimizer):
         """This rank's shard, for a per-rank checkpoint file; `load_state_dict` takes it back."""
         _copy_hyperparameters(self.param_groups, self.optim.param_groups)
         local = self.optim.state_dict()
-        global_index = [self._index_of[p] for group in self.optim.param_groups for p in group["params"]]
+        global_index = [self._index_of[p] for group in self.optim.param_groups
+                        for p in group["params"]]
         return {
             "state": {global_index[i]: s for i, s in local["state"].items()},
-            "param_groups": [{**g, "params": [global_index[i] for i in g["params"]]} for g in local["param_groups"]],
+            "param_groups": [{**g, "params": [global_index[i] for i in g["params"]]}
+                             for g in local["param_groups"]],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        expected = [[self._index_of[p] for p in group["params"]] for group in self.optim.param_groups]
+        expected = [[self._index_of[p] for p in group["params"]]
+                    for group in self.optim.param_groups]
         found = [group["params"] for group in state_dict["param_groups"]]
         if found != expected:
             raise ValueError(
-                f"ZeRO1.load_state_dict: the shard holds parameters {found} but rank {self.rank} of "
-                f"{self.world_size} owns {expected}; to change world size save consolidate_state_dict() "
-                "and load it with load_full_state_dict()"
+                f"ZeRO1.load_state_dict: the shard holds parameters {found} but rank {self.rank} "
+                f"of {self.world_size} owns {expected}; to change world size save "
+                "consolidate_state_dict() and load it with load_full_state_dict()"
             )
         # Optimizer.load_state_dict pairs saved ids with our params by position, so global ids work.
         self.optim.load_state_dict(state_dict)
@@ -163,13 +167,15 @@ class ZeRO1(Optimizer):
             shards = [shard]
         else:
             shards = [None] * self.world_size if self.rank == to else None
-            dist.gather_object(shard, shards, dst=dist.get_global_rank(self.process_group, to), group=self.process_group)
+            dist.gather_object(shard, shards, dst=dist.get_global_rank(self.process_group, to),
+                               group=self.process_group)
             if self.rank != to:
                 return None
         return merge_shards(shards)
 
     def load_full_state_dict(self, full: dict[str, Any]) -> None:
-        """Take this rank's shard out of a full state dict (from any world size, or a plain optimizer)."""
+        """Take this rank's shard out of a full state dict (saved at any world size, or by a
+        plain optimizer)."""
         sizes = [len(g["params"]) for g in full["param_groups"]]
         if sizes != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
@@ -197,30 +203,20 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
     return full
 
 
-def clip_grad_norm_(
-    params: Iterable[torch.Tensor], max_norm: float, *, sharded: bool = False, process_group: Any = None
-) -> torch.Tensor:
-    """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most max_norm; returns the norm before
+    clipping (0 when no parameter has a gradient).
 
     Under DDP (with or without ZeRO-1) every rank holds all the averaged gradients, so the norm
-    over `model.parameters()` is already the global one and every rank clips identically: this
-    is then torch.nn.utils.clip_grad_norm_.
-    sharded=True is for when each rank passes only a disjoint shard (`zero.shard_params`, or
-    ZeRO-2 style sharded gradients): squared norms are summed across ranks first, so the norm is
-    still the true global one. Under ZeRO-1 this clips only the gradients the rank's optimizer
-    reads, and computes 1/N of the norm, for one scalar all-reduce.
+    over `model.parameters()` is already the global one and every rank clips identically: no
+    communication is needed, even though each ZeRO-1 rank updates only its shard.
     """
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     device = params[0].device if params else torch.device("cpu")
     # Same formula as torch.nn.utils.clip_grad_norm_ (norm of per-tensor norms, 1e-6 guard).
-    # A rank with an empty shard still joins the all-reduce below, with a norm of 0.
     norms = [torch.linalg.vector_norm(g.detach()) for g in grads]
     norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=device)
-    if sharded and dist.is_available() and dist.is_initialized():
-        squared = norm.square()
-        dist.all_reduce(squared, group=process_group)
-        norm = squared.sqrt()
     clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for g in grads:
         g.detach().mul_(clip_coef.to(g.device))
@@ -229,7 +225,8 @@ def clip_grad_norm_(
 
 def optimizer_state_bytes(optim: Optimizer) -> int:
     """Bytes of tensors in an optimizer's state: for ZeRO1 (or torch's), this rank's shard only."""
-    inner = getattr(optim, "optim", optim)  # ZeRO1 and ZeroRedundancyOptimizer keep the shard at .optim
+    # ZeRO1 and ZeroRedundancyOptimizer keep the shard's optimizer at .optim.
+    inner = getattr(optim, "optim", optim)
     return sum(
         value.numel() * value.element_size()
         for param_state in inner.state.values()

@@ -1,12 +1,14 @@
-"""llama.cpp's GGUF files into our Transformer, dequantised to float.
+"""llama.cpp's GGUF files read into plain dicts: config fields and float tensors under our names.
 
 A GGUF holds metadata (hyper-parameters and the tokenizer, under keys like
 `llama.embedding_length`) and tensors under llama.cpp's names (`blk.0.attn_q.weight`). Reading one
 takes three steps, each a function below:
-  1. metadata -> TransformerConfig                                  (`config_from_gguf`)
+  1. metadata -> TransformerConfig fields                              (`config_from_gguf`)
   2. each tensor -> float: dequantise its blocks, restore the torch shape, and for Llama undo the
      row permutation llama.cpp applies to q/k for its RoPE layout      (`read_gguf_tensor`)
-  3. llama.cpp names -> ours, checked by the same code as HF checkpoints (`load_gguf_model`)
+  3. llama.cpp names -> ours                                           (`read_gguf_checkpoint`)
+The model is built and every tensor checked by `Transformer.from_gguf`, as for HF checkpoints;
+the tokenizer the file carries is gguf_tokenizer.py's, and weights/gguf_loader.py joins the two:
 
     model = Transformer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -19,9 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from minivlm.weights.hf import build_model
-from minivlm.models.transformer import Transformer, TransformerConfig
 
 # llama.cpp architectures that are exactly our block. Llama's q/k rows are permuted on export.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -71,8 +70,8 @@ def read_metadata(reader) -> dict[str, Any]:
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
-                     source: str) -> TransformerConfig:
-    """TransformerConfig from `{arch}.*` metadata; the vocabulary from the token list."""
+                     source: str) -> dict:
+    """TransformerConfig fields from `{arch}.*` metadata; the vocabulary from the token list."""
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; expected one "
@@ -104,7 +103,7 @@ def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[in
     if tokens is not None and len(tokens) != embedding_rows:
         raise ValueError(f"{source}: vocab mismatch: tokenizer.ggml.tokens has {len(tokens)} "
                          f"entries but token_embd.weight has {embedding_rows} rows")
-    return TransformerConfig(
+    return dict(
         vocab_size=embedding_rows, dim=dim, num_layers=field("block_count"),
         num_heads=num_heads, num_kv_heads=field("attention.head_count_kv", num_heads),
         hidden_dim=field("feed_forward_length"), max_seq_len=field("context_length"),
@@ -159,8 +158,13 @@ def our_name(gguf_name: str, source: str) -> str:
                      f"token_embd, output_norm, output, blk.N.{{{', '.join(LAYER_NAMES)}}}")
 
 
-def model_from_reader(reader, metadata: dict[str, Any], dtype: torch.dtype,
-                      source: str) -> Transformer:
+def read_gguf_checkpoint(path: str | Path
+                         ) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any]]:
+    """(TransformerConfig fields, every tensor dequantised to float32 under our name, the file's
+    metadata) from a llama / qwen2 GGUF file; the metadata also describes its tokenizer."""
+    source = str(path)
+    reader = open_gguf(path)
+    metadata = read_metadata(reader)
     shapes = {tensor.name: torch_shape(tensor) for tensor in reader.tensors}
     config = config_from_gguf(metadata, shapes, source)
     permuted = metadata["general.architecture"] in PERMUTED_QK_ARCHITECTURES
@@ -169,24 +173,8 @@ def model_from_reader(reader, metadata: dict[str, Any], dtype: torch.dtype,
         name = our_name(tensor.name, source)
         weight = read_gguf_tensor(tensor, source)
         if permuted and ".attn_q." in tensor.name:
-            weight = unpermute_rotary(weight, config.num_heads)
+            weight = unpermute_rotary(weight, config["num_heads"])
         elif permuted and ".attn_k." in tensor.name:
-            weight = unpermute_rotary(weight, config.num_kv_heads)
+            weight = unpermute_rotary(weight, config["num_kv_heads"])
         state[name] = weight
-    return build_model(config, state, dtype, source).eval()
-
-
-def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Our Transformer from a llama / qwen2 GGUF file, every tensor dequantised to `dtype`."""
-    reader = open_gguf(path)
-    return model_from_reader(reader, read_metadata(reader), dtype, str(path))
-
-
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from one GGUF file: the file carries its tokenizer as metadata."""
-    from minivlm.weights.gguf_tokenizer import tokenizer_from_metadata
-
-    reader = open_gguf(path)
-    metadata = read_metadata(reader)
-    tokenizer = tokenizer_from_metadata(metadata, str(path))
-    return model_from_reader(reader, metadata, dtype, str(path)), tokenizer
+    return config, state, metadata

@@ -19,7 +19,8 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
 from minivlm.data.chat_template import ChatTemplate
-from minivlm.data.tokenizer import HFTokenizer, wrap_tokenizers
+from minivlm.data.hf_tokenizer import HFTokenizer, wrap_tokenizers
+from minivlm.weights.gguf import open_gguf, read_metadata
 
 # Word-splitting regexes, as in llama.cpp's llama-vocab.cpp (same text as the models'
 # tokenizer.json). Several are applied in turn, each splitting the pieces of the previous one.
@@ -107,6 +108,4 @@ def tokenizer_from_metadata(metadata: dict[str, Any], source: str,
 
 def load_gguf_tokenizer(path: str | Path, chat_template: str | ChatTemplate | None = None
                         ) -> HFTokenizer:
-    from minivlm.weights.gguf import open_gguf, read_metadata
-
     return tokenizer_from_metadata(read_metadata(open_gguf(path)), str(path), chat_template)

@@ -1,9 +1,11 @@
-"""Hugging Face Llama-family checkpoints in and out of our Transformer.
+"""Hugging Face Llama-family checkpoint directories: read into, and written from, plain dicts.
 
 A checkpoint directory is `config.json` plus weights (`model.safetensors`, shards listed in
 `model.safetensors.index.json`, or a legacy `pytorch_model.bin`). Our parameter names are HF's
 without the "model." prefix, so the weights need no translation table: this file is mostly the
-config mapping and the checks that turn a wrong file into one clear error line.
+config mapping and the checks that turn a wrong file into one clear error line. It knows the
+file format only: configs are dicts of TransformerConfig fields, weights are state dicts; the
+model side is `Transformer.from_hf` / `.to_hf`:
 
     model = Transformer.from_hf("SmolLM2-135M-Instruct/")   # LlamaForCausalLM
     model.to_hf("out/")                                    # loads with AutoModelForCausalLM
@@ -11,12 +13,11 @@ config mapping and the checks that turn a wrong file into one clear error line.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from minivlm.models.transformer import Transformer, TransformerConfig
+from minivlm.files import atomic_path, write_json_atomic
 
 # Architectures that are exactly our block: pre-norm RMSNorm, GQA with rotate_half RoPE, SwiGLU.
 # Qwen2 adds a bias on q/k/v; Mistral is Llama unless it uses sliding-window attention.
@@ -28,11 +29,11 @@ SUPPORTED_ARCHITECTURES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# config.json <-> TransformerConfig
+# config.json <-> TransformerConfig fields
 # ---------------------------------------------------------------------------------------------
 
-def config_from_hf(hf: dict, source: str) -> TransformerConfig:
-    """TransformerConfig from a parsed config.json; `source` names the file in errors."""
+def config_from_hf(hf: dict, source: str) -> dict:
+    """TransformerConfig fields from a parsed config.json; `source` names the file in errors."""
     by_model_type = {model_type: name for name, model_type in SUPPORTED_ARCHITECTURES.items()}
     # A config saved on its own (config.save_pretrained) has model_type but no architectures.
     architecture = (hf.get("architectures") or [by_model_type.get(hf.get("model_type"))])[0]
@@ -67,7 +68,7 @@ def config_from_hf(hf: dict, source: str) -> TransformerConfig:
     if hf.get("head_dim") not in (None, dim // num_heads):
         reject("head_dim", hf["head_dim"],
                f"hidden_size / num_attention_heads = {dim // num_heads}")
-    return TransformerConfig(
+    return dict(
         vocab_size=hf["vocab_size"], dim=dim, num_layers=hf["num_hidden_layers"],
         num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
@@ -78,21 +79,23 @@ def config_from_hf(hf: dict, source: str) -> TransformerConfig:
     )
 
 
-def config_to_hf(config: TransformerConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for transformers: Qwen2 when q/k/v carry a bias, Llama otherwise."""
-    qwen2 = config.qkv_bias
+def config_to_hf(config: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for transformers from TransformerConfig fields (`TransformerConfig.to_dict()`):
+    Qwen2 when q/k/v carry a bias, Llama otherwise."""
+    qwen2 = config["qkv_bias"]
     hf = {
         "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
         "model_type": "qwen2" if qwen2 else "llama",
-        "vocab_size": config.vocab_size, "hidden_size": config.dim,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-        "intermediate_size": config.hidden_dim,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "hidden_act": "silu", "tie_word_embeddings": config.tie_embeddings,
+        "vocab_size": config["vocab_size"], "hidden_size": config["dim"],
+        "num_hidden_layers": config["num_layers"], "num_attention_heads": config["num_heads"],
+        "num_key_value_heads": config["num_kv_heads"],
+        "head_dim": config["dim"] // config["num_heads"],
+        "intermediate_size": config["hidden_dim"],
+        "max_position_embeddings": config["max_seq_len"], "rms_norm_eps": config["norm_eps"],
+        "hidden_act": "silu", "tie_word_embeddings": config["tie_embeddings"],
         # Both spellings: transformers 4 reads rope_theta, transformers 5 rope_parameters.
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config["rope_theta"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": config["rope_theta"]},
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if qwen2:
@@ -131,41 +134,9 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def build_model(config: TransformerConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                source: str) -> Transformer:
-    """A Transformer holding `state` (our names), after checking every name and shape.
-
-    Shared by the HF and GGUF loaders so that both speak the same errors. A tied model may omit
-    lm_head.weight (HF does when saving) or carry a copy equal to the embedding.
-    """
-    model = Transformer(config).to(dtype)
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state = dict(state)
-    if config.tie_embeddings:
-        head = state.pop("lm_head.weight", None)
-        embed = state.get("embed_tokens.weight")
-        if head is not None and embed is not None and not torch.equal(head, embed):
-            raise ValueError(f"{source}: lm_head.weight differs from embed_tokens.weight, "
-                             "but the config says the embeddings are tied")
-        if embed is not None:
-            state["lm_head.weight"] = embed
-    for name, tensor in state.items():
-        if name not in expected:
-            raise ValueError(f"{source}: unexpected tensor {name!r} (not part of a "
-                             f"{config.num_layers}-layer model with this config)")
-        if tensor.shape != expected[name]:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(expected[name])} from the config")
-    missing = [name for name in expected if name not in state]
-    if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Our Transformer from a local HF Llama / Qwen2 / Mistral checkpoint directory."""
+def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(TransformerConfig fields, every tensor under our name) from a local HF Llama / Qwen2 /
+    Mistral checkpoint directory."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -182,28 +153,28 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> 
         else:
             raise ValueError(f"{path}: unexpected tensor {hf_name!r}; expected 'model.*' "
                              "or 'lm_head.weight'")
-    return build_model(config, state, dtype, str(path)).eval()
+    return config, state
 
 
-def save_hf_checkpoint(model: Transformer, path: str | Path) -> None:
-    """config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained` loads.
+def write_hf_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained` loads, from
+    a state dict under our names and its TransformerConfig fields.
 
-    Each file is written under a temporary name and moved into place with os.replace, weights
-    before config, so a crash never leaves a config.json pointing at half-written weights.
+    Each file is written beside and moved into place (minivlm.files), weights before config, so
+    a crash never leaves a config.json pointing at half-written weights.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config["tie_embeddings"]:
             continue  # safetensors refuses shared storage; transformers re-ties from the config
         hf_name = name if name == "lm_head.weight" else "model." + name
         tensors[hf_name] = tensor.detach().contiguous().cpu()
-    # transformers rejects a safetensors file whose metadata lacks format="pt".
-    save_file(tensors, path / "model.safetensors.tmp", metadata={"format": "pt"})
-    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-    hf_config = config_to_hf(model.config, model.embed_tokens.weight.dtype)
-    (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
-    os.replace(path / "config.json.tmp", path / "config.json")
+    with atomic_path(path / "model.safetensors") as tmp:
+        # transformers rejects a safetensors file whose metadata lacks format="pt".
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_json_atomic(path / "config.json",
+                      config_to_hf(config, state["embed_tokens.weight"].dtype))

@@ -1,0 +1,149 @@
+"""LISA's ReasonSeg format: a folder of NAME.jpg + labelme NAME.json, read into `Sample`s whose
+masks are the rasterised polygons, with LISA's validation prompts and answer.
+
+    NAME.json  {"text": str | [str], "is_sentence": bool, "shapes": [{"label", "points"}],
+                "answer": str (optional, ours: the assistant turn, with exactly one [SEG])}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from minivlm.constants import IMAGE_TOKEN, MASK_IGNORE, SEG_TOKEN
+from minivlm.data.images import image_size
+from minivlm.data.records import convert_all, extra_fields, get_field, read_text, string_list
+from minivlm.data.sample import Sample
+
+REASONSEG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# LISA's validation prompts (ValDataset), and one of its answer templates.
+REASONSEG_SENTENCE_PROMPT = IMAGE_TOKEN + "\n{text} Please output segmentation mask."
+REASONSEG_PHRASE_PROMPT = (IMAGE_TOKEN + "\nWhat is {text} in this image? "
+                           "Please output segmentation mask.")
+REASONSEG_ANSWER = f"Sure, it is {SEG_TOKEN}."
+
+
+# ---------------------------------------------------------------------------- polygons
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _draw(polygons: list[list[tuple[int, int]]], values: list[int], width: int,
+          height: int) -> np.ndarray:
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for corners, value in zip(polygons, values):
+        draw.polygon(corners, fill=value, outline=value)
+    return np.array(canvas)  # (H, W) uint8
+
+
+def polygons_to_mask(shapes: list, width: int, height: int, where: str = "") -> np.ndarray:
+    """Rasterise labelme polygons to an (H, W) uint8 mask as LISA's get_mask_from_json does.
+
+    Label "flag" (any case) is skipped, a label containing "ignore" paints 255, any other 1.
+    Points are truncated to int (LISA: np.array(points, dtype=np.int32)). Polygons are drawn
+    largest first, so a small region inside a larger one stays visible on top (ties: later
+    shape first, as LISA's np.argsort(area)[::-1]). Each polygon is filled with its 1-px
+    outline (fillPoly + polylines in LISA). Points outside the image are clipped by drawing;
+    a polygon with no pixel inside the image, fewer than 3 points, or no target polygon at
+    all is an error.
+    """
+    polygons = []  # (area, index, value, points)
+    for k, shape in enumerate(shapes):
+        at = f"{where}: shapes[{k}]"
+        label = get_field(shape, "label", str, at)
+        if label.lower() == "flag":
+            continue
+        points = get_field(shape, "points", list, at)
+        if len(points) < 3:
+            raise ValueError(f"{at} ('{label}'): polygon with {len(points)} point(s), "
+                             f"need at least 3")
+        for point in points:
+            if not (isinstance(point, list) and len(point) == 2
+                    and all(_is_number(c) for c in point)):
+                raise ValueError(f"{at} ('{label}'): each point should be [x, y] numbers, "
+                                 f"found {point!r:.60}")
+        corners = [(int(x), int(y)) for x, y in points]
+        value = MASK_IGNORE if "ignore" in label.lower() else 1
+        area = int(_draw([corners], [1], width, height).sum())
+        if area == 0:
+            raise ValueError(f"{at} ('{label}'): polygon covers no pixel of the "
+                             f"{width}x{height} image")
+        polygons.append((area, k, value, corners))
+    if not any(value == 1 for _, _, value, _ in polygons):
+        raise ValueError(f"{where}: no target polygon (only 'flag'/'ignore' shapes)")
+    polygons.sort(key=lambda p: (p[0], p[1]), reverse=True)
+    return _draw([p[3] for p in polygons], [p[2] for p in polygons], width, height)
+
+
+# ---------------------------------------------------------------------------- records
+def _find_image(stem_path: Path) -> Path | None:
+    candidates = (Path(str(stem_path) + suffix) for suffix in REASONSEG_IMAGE_SUFFIXES)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _reasonseg_record(stem_path: object, where: str, image_dir: Path) -> Sample:
+    json_path = Path(str(stem_path) + ".json")
+    image_path = _find_image(Path(str(stem_path)))
+    if not json_path.is_file():
+        raise ValueError(f"{where}: image {image_path.name} has no annotation file "
+                         f"{json_path.name}")
+    if image_path is None:
+        raise ValueError(f"{where}: no image next to it (looked for {json_path.stem} with suffix "
+                         f"{' or '.join(REASONSEG_IMAGE_SUFFIXES)})")
+    try:
+        annotation = json.loads(read_text(json_path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: invalid JSON ({error.msg} at line {error.lineno})") from None
+    shapes = get_field(annotation, "shapes", list, where)
+    texts = string_list(get_field(annotation, "text", (str, list), where), "text", where)
+    if not texts:
+        raise ValueError(f"{where}: 'text' is empty, expected at least one referring text")
+    is_sentence = get_field(annotation, "is_sentence", bool, where)
+    width, height = image_size(image_path)
+    mask = polygons_to_mask(shapes, width, height, where)
+    prompt = REASONSEG_SENTENCE_PROMPT if is_sentence else REASONSEG_PHRASE_PROMPT
+    # Our extension: an optional "answer" that names the object before its [SEG] ("Sure, it is
+    # the blue circle [SEG]."), so the language model resolves the reference in words first.
+    answer = get_field(annotation, "answer", str, where, default=REASONSEG_ANSWER)
+    if answer.count(SEG_TOKEN) != 1:
+        raise ValueError(f"{where}: 'answer' must contain exactly one {SEG_TOKEN}, "
+                         f"found {answer!r}")
+    turns = [{"role": "user", "content": prompt.format(text=texts[0])},
+             {"role": "assistant", "content": answer}]
+    meta = {"task": "reason_seg", "id": json_path.stem, "texts": texts, "is_sentence": is_sentence,
+            **extra_fields(annotation, ("shapes", "text", "is_sentence", "imageData", "answer"))}
+    return Sample(images=[image_path], turns=turns, masks=[mask], source=where, meta=meta)
+
+
+def read_reasonseg_dir(directory: str | Path, errors: list[str] | None = None) -> list[Sample]:
+    """Every NAME.json + NAME.jpg pair in `directory` (not recursive), sorted by NAME."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory (expected a ReasonSeg split folder)")
+    suffixes = (".json",) + REASONSEG_IMAGE_SUFFIXES
+    stems = sorted({p.with_suffix("") for p in directory.iterdir() if p.suffix in suffixes})
+    records = [(str(stem) + ".json", stem) for stem in stems]
+    return convert_all(records, _reasonseg_record, directory, errors)
+
+
+def expand_referring_texts(samples: list[Sample]) -> list[Sample]:
+    """One sample per referring text of each ReasonSeg sample (LISA draws one at random each
+    time; for training, every phrasing of the same target is more data)."""
+    out = []
+    for sample in samples:
+        texts = sample.meta.get("texts", []) if sample.meta.get("task") == "reason_seg" else []
+        if len(texts) < 2:
+            out.append(sample)
+            continue
+        prompt = (REASONSEG_SENTENCE_PROMPT if sample.meta["is_sentence"]
+                  else REASONSEG_PHRASE_PROMPT)
+        for text in texts:
+            turns = [{"role": "user", "content": prompt.format(text=text)}] + sample.turns[1:]
+            out.append(Sample(images=sample.images, turns=turns, masks=sample.masks,
+                              source=sample.source, meta=sample.meta))
+    return out
