@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 
 from minivlm.constants import IMAGE_TOKEN
-from minivlm.data.image_processor import ImageProcessor
-from minivlm.data.images import load_image
+from minivlm.data.images import ImageProcessor, load_image
 from minivlm.data.sample import Sample
 from minivlm.eval.inference import answer_samples, mask_overlay, segment_samples
 from minivlm.weights.gguf_loader import load_gguf

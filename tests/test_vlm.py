@@ -7,7 +7,7 @@ from PIL import Image
 from conftest import tiny_vlm_config
 from minivlm.models.build import build_vlm
 from minivlm.data.batch import ChatDataset, collate, expand_image_tokens
-from minivlm.data.image_processor import ImageProcessor, choose_grid, dynamic_tiles, num_tiles
+from minivlm.data.images import ImageProcessor, choose_grid, dynamic_tiles, num_tiles
 from minivlm.data.sample import Sample
 from minivlm.data.tokenizer import load_tokenizer
 

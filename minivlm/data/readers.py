@@ -29,9 +29,8 @@ from pathlib import Path
 
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
 from minivlm.data.reasonseg import read_reasonseg_dir
-from minivlm.data.records import (Converter, convert_all, extra_fields, get_field, read_records,
-                                  string_list)
-from minivlm.data.sample import Sample
+from minivlm.data.sample import (Converter, Sample, convert_all, extra_fields,
+                                 get_field, read_records, string_list)
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                "assistant": "assistant"}

@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 
 from minivlm.constants import IMAGE_TOKEN, MASK_IGNORE, SEG_TOKEN
 from minivlm.data.images import image_size
-from minivlm.data.records import convert_all, extra_fields, get_field, read_text, string_list
-from minivlm.data.sample import Sample
+from minivlm.data.sample import (Sample, convert_all, extra_fields, get_field, read_text,
+                                 string_list)
 
 REASONSEG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # LISA's validation prompts (ValDataset), and one of its answer templates.

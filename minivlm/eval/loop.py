@@ -15,8 +15,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from minivlm.data.image_processor import ImageProcessor
-from minivlm.data.images import image_size
+from minivlm.data.images import ImageProcessor, image_size
 from minivlm.data.sample import Sample
 from minivlm.eval.inference import answer_samples, batches, prompt_turns
 

@@ -19,7 +19,7 @@ import torch
 
 from minivlm.cli import add_config_args, config_from_args, set_config_defaults
 from minivlm.data.batch import ChatDataset
-from minivlm.data.image_processor import ImageProcessor
+from minivlm.data.images import ImageProcessor
 from minivlm.data.readers import read_dataset
 from minivlm.data.reasonseg import expand_referring_texts
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
