@@ -12,7 +12,7 @@ import torch
 import transformers
 from tokenizers.pre_tokenizers import ByteLevel
 
-from minivlm.data.chat_template import CHATML
+from minivlm.data.chat_encoding import CHATML
 from minivlm.weights.gguf_tokenizer import load_gguf_tokenizer
 from minivlm.weights.gguf import open_gguf
 from minivlm.weights.gguf_loader import load_gguf

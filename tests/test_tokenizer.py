@@ -11,7 +11,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minivlm.data.chat_template import CHATML, MINIVLM, template_from_jinja
+from minivlm.data.chat_encoding import CHATML, MINIVLM, template_from_jinja
 from minivlm.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from minivlm.data.tokenizer import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 

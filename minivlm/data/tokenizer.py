@@ -32,9 +32,8 @@ import sentencepiece as spm
 import tokenizers
 
 from minivlm.constants import IMAGE_TOKEN, SEG_TOKEN
-from minivlm.data.chat_template import ChatTemplate, get_chat_template
+from minivlm.data.chat_encoding import CONFIG_FILE, ChatTemplate, Tokenizer, get_chat_template
 from minivlm.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer
-from minivlm.data.tokenizer_base import CONFIG_FILE, Tokenizer
 from minivlm.files import atomic_path
 
 

@@ -14,11 +14,10 @@ from dataclasses import replace
 
 from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig,
                                          build_mask_decoder, load_sam_mask_decoder)
-from minivlm.models.projector import build_projector
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer
 from minivlm.models.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTower
-from minivlm.models.vlm import VLM, VLMConfig
+from minivlm.models.vlm import VLM, VLMConfig, build_projector
 
 
 def build_vision_tower(config: VisionConfig, load_pretrained: bool = True) -> VisionTower:

@@ -7,12 +7,11 @@ their dataclass defaults.
 """
 from __future__ import annotations
 
-from minivlm.models.projector import ProjectorConfig
 from minivlm.models.seg_head import SegConfig
 from minivlm.models.transformer import PRESETS as LM_PRESETS
 from minivlm.models.transformer import TransformerConfig
 from minivlm.models.vision import VisionConfig
-from minivlm.models.vlm import VLMConfig
+from minivlm.models.vlm import ProjectorConfig, VLMConfig
 
 MODEL_PRESETS: dict[str, dict[str, dict]] = {
     # demo.py's full recipe: the whole pipeline in about 10 minutes on a 2-core CPU.

@@ -27,11 +27,10 @@ from minivlm.data.tokenizer import load_tokenizer
 from minivlm.lora import apply_lora
 from minivlm.models.build import attach_seg_head, build_vlm
 from minivlm.models.presets import LM_PRESETS, MODEL_PRESETS, preset_overrides
-from minivlm.models.projector import ProjectorConfig
 from minivlm.models.seg_head import SegConfig
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig
-from minivlm.models.vlm import VLM, VLMConfig
+from minivlm.models.vlm import VLM, ProjectorConfig, VLMConfig
 from minivlm.train.distributed import DistributedEnv, init_distributed
 from minivlm.train.trainable import set_trainable, trainable_table
 from minivlm.train.trainer import TrainConfig
