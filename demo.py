@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import train_pretrain
 import train_seg
 import train_sft
 from minivlm.data.shapes import ShapesConfig, generate
+from minivlm.errors import run_cli
 from minivlm.train_tokenizer import main as train_tokenizer
 
 # Sizes of each stage: the full recipe for a 2-core CPU, and a smoke-test one. The model's sizes
@@ -63,8 +63,9 @@ def main(argv=None) -> dict:
     stage("tokenizer", train_tokenizer, [
         "--data", f"{data}/pretrain.json,{data}/sft.json", "--vocab-size", str(recipe["vocab"]),
         "--out", str(runs / "tokenizer")])
+    # A rerun into the same --out starts every stage over (the stages refuse this without it).
     common = ["--batch-size", str(recipe["batch"]), "--seed", str(args.seed), "--keep", "1",
-              "--log-every", "50"]
+              "--log-every", "50", "--overwrite"]
     stage("pretrain", train_pretrain.main, [
         "--data", f"{data}/pretrain.json", "--tokenizer", str(runs / "tokenizer"),
         "--out-dir", str(runs / "pretrain"), "--max-steps", str(recipe["pretrain_steps"]),
@@ -124,7 +125,4 @@ def print_table(results: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

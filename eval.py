@@ -44,6 +44,7 @@ from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
 from minivlm.data.readers import read_chiron_eval
 from minivlm.data.reasonseg import read_reasonseg_dir
+from minivlm.errors import run_cli
 from minivlm.eval.inference import mask_overlay
 from minivlm.eval.judge import REFERENCE_URL, Judge, JudgeConfig
 from minivlm.eval.loop import question_text
@@ -232,16 +233,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except (ValueError, OSError) as error:  # bad data, checkpoint, judge or output path: one line
-        print(f"eval.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = run(parse_args(argv))
     scalars = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     print(json.dumps(scalars, indent=1))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,8 +9,8 @@ training on image captions. Trains the projector, plus any part that starts from
     torchrun --nproc_per_node 2 train_pretrain.py --ddp --data data/shapes/pretrain.json \
         --tokenizer runs/tokenizer --out-dir runs/pretrain
 """
-import sys
 
+from minivlm.errors import run_cli
 from minivlm.train.distributed import cleanup
 from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
 from minivlm.train.trainer import Trainer
@@ -28,7 +28,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad data, config or checkpoint: one line, no traceback
-        sys.exit(f"error: {error}")
+    run_cli(main)

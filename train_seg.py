@@ -12,10 +12,10 @@ while it learns masks). Usage:
     torchrun --nproc_per_node 2 train_seg.py --ddp --init-from runs/sft --data ... \
         --sample-rates ...
 """
-import sys
 
 from minivlm.data.mixture import MixtureDataset
 from minivlm.data.readers import read_dataset
+from minivlm.errors import run_cli
 from minivlm.eval.segmentation import seg_metrics
 from minivlm.train.distributed import cleanup
 from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
@@ -37,6 +37,8 @@ def main(argv=None) -> dict:
     train_set = MixtureDataset(datasets, rates, length=max(sum(map(len, datasets)),
                                                            c.max_steps * c.batch_size),
                                seed=c.seed)
+    if env.is_main and (note := train_set.repeat_note(c.batch_size)):
+        print(note)
     validate = None
     if c.val_data:
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
@@ -49,7 +51,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad data, config or checkpoint: one line, no traceback
-        sys.exit(f"error: {error}")
+    run_cli(main)

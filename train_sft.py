@@ -9,9 +9,9 @@ closed-question accuracy every `--eval-every` steps. Usage:
     torchrun --nproc_per_node 2 train_sft.py --ddp --init-from runs/pretrain \
         --data data/shapes/sft.json --out-dir runs/sft [--zero1]
 """
-import sys
 
 from minivlm.data.readers import read_dataset
+from minivlm.errors import run_cli
 from minivlm.eval.vqa import vqa_metrics
 from minivlm.train.distributed import cleanup
 from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
@@ -38,7 +38,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad data, config or checkpoint: one line, no traceback
-        sys.exit(f"error: {error}")
+    run_cli(main)

@@ -22,6 +22,7 @@ from PIL import Image
 from minivlm.constants import IMAGE_TOKEN
 from minivlm.data.images import ImageProcessor, load_image
 from minivlm.data.sample import Sample
+from minivlm.errors import run_cli
 from minivlm.eval.inference import answer_samples, mask_overlay, segment_samples
 from minivlm.weights.gguf_loader import load_gguf
 from minivlm.weights.checkpoint import load_vlm
@@ -116,7 +117,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

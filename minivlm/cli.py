@@ -1,14 +1,18 @@
 """Command-line flags generated from config dataclasses, so no flag is ever copied by hand.
 
 `add_config_args(parser, VisionConfig, prefix="vision")` adds `--vision-image-size` etc. with
-the field's default and type; `config_from_args(args, VisionConfig, "vision")` builds it back.
-Booleans become `--flag` / `--no-flag`.
+the field's default and type; `config_from_args(args, VisionConfig, "vision")` builds it back,
+after checking each value against the range its field declares (minivlm/ranges.py), so a bad
+value stops the script at once with one line naming the flag. Booleans become `--flag` /
+`--no-flag`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
+
+from minivlm.ranges import check_value, field_range
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -40,8 +44,10 @@ def add_config_args(parser: argparse.ArgumentParser, config_class, prefix: str =
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=default)
         elif kind in (int, float, str):
+            allowed = field_range(f)
             group.add_argument(flag, dest=dest, type=kind, default=default,
-                               metavar=kind.__name__.upper())
+                               metavar=kind.__name__.upper(),
+                               help=str(allowed) if allowed else None)
 
 
 def set_config_defaults(parser: argparse.ArgumentParser, prefix: str, values: dict) -> None:
@@ -50,11 +56,18 @@ def set_config_defaults(parser: argparse.ArgumentParser, prefix: str, values: di
     parser.set_defaults(**{_dest(prefix, name): value for name, value in values.items()})
 
 
+def checked_values(args: argparse.Namespace, config_class, prefix: str = "") -> dict:
+    """The parsed values of `config_class`'s flags, each checked against its field's range."""
+    values = {}
+    for f in dataclasses.fields(config_class):
+        if f.init and hasattr(args, _dest(prefix, f.name)):
+            values[f.name] = getattr(args, _dest(prefix, f.name))
+            check_value(_flag(prefix, f.name), values[f.name], f)
+    return values
+
+
 def config_from_args(args: argparse.Namespace, config_class, prefix: str = "", **extra):
-    values = {f.name: getattr(args, _dest(prefix, f.name))
-              for f in dataclasses.fields(config_class)
-              if f.init and hasattr(args, _dest(prefix, f.name))}
-    return config_class(**values, **extra)
+    return config_class(**checked_values(args, config_class, prefix), **extra)
 
 
 def underscore_aliases(argv: list[str]) -> list[str]:

@@ -9,25 +9,25 @@ which a run resumes at any world size, with or without --zero1.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
+from minivlm.errors import run_cli
 from minivlm.files import atomic_path
+from minivlm.train.checkpoint import load_tensor_file, read_trainer_state
 from minivlm.weights.checkpoint import resolve_checkpoint
 from minivlm.train.zero import merge_shards
 
 
 def consolidate(path) -> str:
     ckpt = resolve_checkpoint(path)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = read_trainer_state(ckpt)
     files = [ckpt / f"optimizer_rank{r}.pt" for r in range(state["world_size"])]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ValueError(f"{ckpt}: shard(s) {', '.join(missing)} missing; this checkpoint is "
                          "incomplete and cannot be consolidated")
-    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    shards = [load_tensor_file(f) for f in files]
     out = ckpt / "optimizer_full.pt"
     with atomic_path(out) as tmp:
         torch.save(merge_shards(shards) if state.get("sharded_optimizer") else shards[0], tmp)
@@ -42,7 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

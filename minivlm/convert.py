@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from minivlm.data.tokenizer import load_tokenizer
+from minivlm.errors import run_cli
 from minivlm.files import atomic_path, write_json_atomic
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.weights.gguf import read_gguf_checkpoint
@@ -95,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from minivlm.data.readers import read_dataset
 from minivlm.data.tokenizer import train_sentencepiece
+from minivlm.errors import run_cli
 
 
 def dataset_texts(paths: list[str]) -> list[str]:
@@ -34,7 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

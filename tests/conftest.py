@@ -12,7 +12,6 @@ from minivlm.train.checkpoint import save_checkpoint
 from minivlm.train.distributed import init_distributed
 from minivlm.train_tokenizer import dataset_texts
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

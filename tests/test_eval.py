@@ -15,6 +15,7 @@ from minivlm.constants import FINAL_ANSWER_PREFIX
 from minivlm.data.readers import read_chiron_eval
 from minivlm.data.reasonseg import read_reasonseg_dir
 from minivlm.data.tokenizer import load_tokenizer
+from minivlm.errors import run_cli
 from minivlm.eval.segmentation import seg_metrics
 from minivlm.eval.seg_iou import seg_iou
 from minivlm.eval.text_metrics import default_bertscore_model
@@ -52,7 +53,8 @@ def long_checkpoint(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 
 
 def run_eval(*argv) -> dict:
-    return eval_script.main([str(a) for a in argv])
+    """As `python eval.py ...` runs it: a bad input exits 2 with one line (minivlm/errors.py)."""
+    return run_cli(eval_script.main, [str(a) for a in argv], prog="eval.py")
 
 
 def read_output(path: Path) -> tuple[list[dict], dict]:

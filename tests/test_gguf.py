@@ -12,7 +12,9 @@ import torch
 import transformers
 from tokenizers.pre_tokenizers import ByteLevel
 
+from minivlm.convert import load_converted, main
 from minivlm.data.chat_encoding import CHATML
+from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.weights.gguf_tokenizer import load_gguf_tokenizer
 from minivlm.weights.gguf import open_gguf
 from minivlm.weights.gguf_loader import load_gguf
@@ -208,9 +210,6 @@ def test_truncated_file_vocab_mismatch_and_missing_tensor_are_named(tmp_path):
 
 
 def test_convert_writes_minivlm_and_hugging_face_directories(tmp_path, capsys):
-    from minivlm.convert import load_converted, main
-    from minivlm.data.tokenizer import load_hf_tokenizer
-
     write_gguf(tmp_path / "tiny.gguf", tiny_model("llama"), "llama", "token_embd.weight")
     main([str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "ours"),
           "--hf-out", str(tmp_path / "hf")])

@@ -163,7 +163,7 @@ def test_a_new_save_is_never_pruned_by_an_older_runs_higher_steps(shapes_dir, ti
     run = tmp_path / "run"
     pretrain(shapes_dir, tiny_tokenizer_dir, run, 3)
     (run / "step_000003").rename(run / "step_001400")  # left over from a longer earlier run
-    pretrain(shapes_dir, tiny_tokenizer_dir, run, 2, "--keep", "1")
+    pretrain(shapes_dir, tiny_tokenizer_dir, run, 2, "--keep", "1", "--overwrite")
     assert sorted(p.name for p in run.glob("step_*")) == ["step_000002"]
     assert resolve_checkpoint(run).name == "step_000002"
 

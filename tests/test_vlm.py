@@ -10,6 +10,7 @@ from minivlm.data.batch import ChatDataset, collate, expand_image_tokens
 from minivlm.data.images import ImageProcessor, choose_grid, dynamic_tiles, num_tiles
 from minivlm.data.sample import Sample
 from minivlm.data.tokenizer import load_tokenizer
+from minivlm.train.activation_checkpointing import enable_activation_checkpointing
 
 
 @pytest.fixture
@@ -146,7 +147,6 @@ def test_mask_of_the_wrong_size_names_the_record(tokenizer, tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
-    from minivlm.train.activation_checkpointing import enable_activation_checkpointing
     torch.manual_seed(0)
     model = build_vlm(tiny_vlm_config(seg=False), tokenizer)
     make_image(tmp_path / "a.png", (32, 32), (0, 255, 0))

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minivlm.constants import IGNORE_INDEX
-from minivlm.data.images import image_size, load_image
+from minivlm.data.images import MAX_IMAGE_PIXELS, image_size, load_image
 from minivlm.data.sample import Sample
 
 
@@ -35,10 +35,12 @@ class EncodedSample:
 class ChatDataset(Dataset):
     def __init__(self, samples: list[Sample], tokenizer, image_processor, tokens_per_tile: int,
                  max_seq_len: int, preload_images: bool = True, skip_bad: bool = False,
-                 image_encoder=None):
+                 image_encoder=None, max_image_pixels: int = MAX_IMAGE_PIXELS):
         """`image_encoder` (with preloading): a frozen tower's pixels -> patch tokens function;
-        each image is then encoded once here and stored as features, not pixels."""
+        each image is then encoded once here and stored as features, not pixels. A larger image
+        than `max_image_pixels` is a bad record, found from its header even without preloading."""
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.max_image_pixels = max_image_pixels
         self.image_encoder = image_encoder
         self.tokens_per_tile = tokens_per_tile
         self.encoded: list[EncodedSample] = []
@@ -53,17 +55,19 @@ class ChatDataset(Dataset):
 
     def _build(self, sample: Sample, max_seq_len: int, preload: bool) -> EncodedSample:
         try:
-            images = [self.image_processor(load_image(p)) for p in sample.images] if preload \
-                else list(sample.images)
+            # Headers first: an image over the pixel budget is refused before any decoding.
+            sizes = [image_size(p, self.max_image_pixels) for p in sample.images]
+            images = ([self.image_processor(load_image(p, max_pixels=self.max_image_pixels))
+                       for p in sample.images] if preload else list(sample.images))
         except ValueError as error:  # the image's own message names the file; add the record
             raise ValueError(f"{sample.source}: {error}") from None
         if preload and self.image_encoder is not None:
             with torch.no_grad():
                 images = [self.image_encoder(im) for im in images]  # (tiles, P, Dv) each
-        tiles = [im.shape[0] if preload else self.image_processor.num_tiles(image_size(im))
-                 for im in images]
+        tiles = [im.shape[0] if preload else self.image_processor.num_tiles(size)
+                 for im, size in zip(images, sizes)]
         if sample.masks:  # masks pair with the first image, at its own size
-            width, height = image_size(sample.images[0])
+            width, height = sizes[0]
             for k, mask in enumerate(sample.masks):
                 if mask.shape != (height, width):
                     raise ValueError(f"{sample.source}: mask {k} is {mask.shape[1]}x{mask.shape[0]}"
@@ -98,7 +102,7 @@ class ChatDataset(Dataset):
 
     def _load(self, path, source: str) -> torch.Tensor:
         try:
-            return self.image_processor(load_image(path))
+            return self.image_processor(load_image(path, max_pixels=self.max_image_pixels))
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
 

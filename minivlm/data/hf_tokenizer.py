@@ -85,6 +85,13 @@ def wrap_tokenizers(backend: tokenizers.Tokenizer, *, eos_token: str | None = No
                        eos_token=eos_token, num_added_tokens=num_added)
 
 
+def read_tokenizer_json(file: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as error:  # the Rust library raises a bare Exception for any bad file
+        raise ValueError(f"{file}: not a Hugging Face tokenizer.json ({error})") from None
+
+
 def load_hf_tokenizer(path: str | Path, chat_template: str | ChatTemplate | None = None
                       ) -> HFTokenizer:
     """A Hugging Face tokenizer.json (or a directory holding it and tokenizer_config.json)."""
@@ -107,6 +114,6 @@ def load_hf_tokenizer(path: str | Path, chat_template: str | ChatTemplate | None
         value = config.get(key)
         return value.get("content") if isinstance(value, dict) else value
 
-    return wrap_tokenizers(tokenizers.Tokenizer.from_file(str(file)), eos_token=token("eos_token"),
+    return wrap_tokenizers(read_tokenizer_json(file), eos_token=token("eos_token"),
                            bos_token=token("bos_token"), pad_token=token("pad_token"),
                            chat_template=chat_template, jinja=jinja)

@@ -11,7 +11,8 @@ index), RGBA screenshots, grayscale and 16-bit medical slices, CMYK JPEGs. A pla
   - 16-bit and float images (I;16, I, F) are stretched from their own min..max to 0..255:
     `convert` clips at 255, which turns a 12-bit CT slice (0..4095) almost all white.
 EXIF orientation is applied (as cv2.imread and labelme do), so masks drawn on the
-displayed image line up with what we load.
+displayed image line up with what we load. An image with more than `max_pixels` pixels is
+refused from its header, before any decoding (see MAX_IMAGE_PIXELS).
 
 Then into the tower's input (the second half of this file): resize, InternVL's dynamic tiles,
 CLIP normalisation.
@@ -25,6 +26,7 @@ single pixel (`num_tiles`, from the image's size alone).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +37,23 @@ HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# The default pixel budget of one image: 8192 x 8192. PIL only warns below 2 x 89M pixels and
+# decodes in full, so a 12 KB PNG that says 10000 x 10000 took 623 MB. Training images are far
+# smaller (COCO/LLaVA under 1M pixels, SA-1B about 3.4M); a 48-megapixel photo still passes.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class ImageError(ValueError):
     """An image file that cannot be read; the message is one line: "path: what is wrong"."""
 
 
-def _open_checked(path: Path) -> Image.Image:
-    """Image.open with every failure turned into a one-line ImageError naming the file."""
+def _open_checked(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Image.open (header only) with every failure turned into a one-line ImageError naming the
+    file; an image over `max_pixels` pixels is one of them."""
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():  # PIL's bomb warning: `max_pixels` decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -53,16 +62,23 @@ def _open_checked(path: Path) -> Image.Image:
         raise ImageError(f"{path}: not an image file PIL can identify") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageError(f"{path}: cannot open image ({_one_line(error)})") from None
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise ImageError(f"{path}: {width}x{height} is {width * height:,} pixels, over the "
+                         f"max_image_pixels limit of {max_pixels:,} (not decoded)")
+    return image
 
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as `load_image` will return it, read from the header only (no decoding)."""
+def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) as `load_image` will return it, read from the header only (no decoding);
+    with `max_pixels`, refuses a larger image as `load_image` would."""
     path = Path(path)
-    with _open_checked(path) as image:
+    with _open_checked(path, max_pixels) as image:
         width, height = image.size
         orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     if orientation in TRANSPOSED_ORIENTATIONS:
@@ -95,14 +111,15 @@ def _stretch_to_8bit(image: Image.Image) -> Image.Image:
     return gray.convert("RGB")
 
 
-def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255),
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode `path` to an 8-bit RGB PIL image (any mode, EXIF orientation applied).
 
     Transparent pixels are composited on `background`. Raises ImageError (a ValueError)
-    with one line "path: what is wrong" for a missing, unreadable or truncated file.
+    with one line "path: what is wrong" for a missing, unreadable, truncated or too large file.
     """
     path = Path(path)
-    with _open_checked(path) as image:
+    with _open_checked(path, max_pixels) as image:
         try:
             image.load()  # decode now, so a truncated file fails here with its name
             image = ImageOps.exif_transpose(image)

@@ -3,8 +3,12 @@
 LISA trains segmentation with `--dataset sem_seg||refer_seg||vqa||reason_seg --sample_rates
 9,3,3,1`: every example first picks a dataset with those odds, then an item from it. Here the
 picks are drawn once from a seeded generator, so the mixture (and a resumed run) is reproducible.
+Every pick is with replacement, so a batch larger than the data repeats examples inside itself
+(a plain dataset refuses such a batch instead): `repeat_note` says so.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils.data import Dataset
@@ -15,6 +19,8 @@ class MixtureDataset(Dataset):
         if len(rates) != len(datasets):
             raise ValueError(f"--sample-rates has {len(rates)} values for {len(datasets)} "
                              "datasets; give one rate per --data file")
+        if any(not (rate >= 0 and math.isfinite(rate)) for rate in rates) or sum(rates) <= 0:
+            raise ValueError(f"--sample-rates must be numbers >= 0, not all 0, got {rates}")
         if any(len(d) == 0 for d in datasets):
             raise ValueError("a dataset in the mixture is empty")
         g = torch.Generator().manual_seed(seed)
@@ -26,6 +32,14 @@ class MixtureDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def repeat_note(self, batch_size: int) -> str:
+        """A line for the log when one batch must repeat examples, else ""."""
+        distinct = sum(len(d) for d in self.datasets)
+        if batch_size <= distinct:
+            return ""
+        return (f"note: a batch of {batch_size} is larger than the {distinct} examples of the "
+                "mixture; batches repeat examples (drawn with replacement)")
 
     def __getitem__(self, i: int) -> dict:
         d, j = self.index[i]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,14 @@ def polygons_to_mask(shapes: list, width: int, height: int, where: str = "") -> 
     return _draw([p[3] for p in polygons], [p[2] for p in polygons], width, height)
 
 
+def count_clipped(shapes: list, width: int, height: int) -> int:
+    """Drawn polygons (checked by polygons_to_mask) with a point outside the image, whose mask
+    is therefore clipped. labelme coordinates run over [0, width] x [0, height]: a point on the
+    far edge (x == width) is on the border, not outside."""
+    return sum(1 for shape in shapes if shape["label"].lower() != "flag"
+               and any(not (0 <= x <= width and 0 <= y <= height) for x, y in shape["points"]))
+
+
 # ---------------------------------------------------------------------------- records
 def _find_image(stem_path: Path) -> Path | None:
     candidates = (Path(str(stem_path) + suffix) for suffix in REASONSEG_IMAGE_SUFFIXES)
@@ -106,6 +115,7 @@ def _reasonseg_record(stem_path: object, where: str, image_dir: Path) -> Sample:
     is_sentence = get_field(annotation, "is_sentence", bool, where)
     width, height = image_size(image_path)
     mask = polygons_to_mask(shapes, width, height, where)
+    clipped = count_clipped(shapes, width, height)
     prompt = REASONSEG_SENTENCE_PROMPT if is_sentence else REASONSEG_PHRASE_PROMPT
     # Our extension: an optional "answer" that names the object before its [SEG] ("Sure, it is
     # the blue circle [SEG]."), so the language model resolves the reference in words first.
@@ -117,6 +127,8 @@ def _reasonseg_record(stem_path: object, where: str, image_dir: Path) -> Sample:
              {"role": "assistant", "content": answer}]
     meta = {"task": "reason_seg", "id": json_path.stem, "texts": texts, "is_sentence": is_sentence,
             **extra_fields(annotation, ("shapes", "text", "is_sentence", "imageData", "answer"))}
+    if clipped:
+        meta["clipped_polygons"] = clipped
     return Sample(images=[image_path], turns=turns, masks=[mask], source=where, meta=meta)
 
 
@@ -128,7 +140,16 @@ def read_reasonseg_dir(directory: str | Path, errors: list[str] | None = None) -
     suffixes = (".json",) + REASONSEG_IMAGE_SUFFIXES
     stems = sorted({p.with_suffix("") for p in directory.iterdir() if p.suffix in suffixes})
     records = [(str(stem) + ".json", stem) for stem in stems]
-    return convert_all(records, _reasonseg_record, directory, errors)
+    samples = convert_all(records, _reasonseg_record, directory, errors)
+    # Clipping is what LISA does too, so it is no error; but many clipped polygons can mean
+    # annotations drawn at another resolution than the images, which should not go unseen.
+    clipped = [s for s in samples if s.meta.get("clipped_polygons")]
+    if clipped:
+        total = sum(s.meta["clipped_polygons"] for s in clipped)
+        print(f"{directory}: {total} polygon(s) in {len(clipped)} of {len(samples)} records "
+              f"reach outside their image and were clipped to it (first: {clipped[0].source})",
+              file=sys.stderr)
+    return samples
 
 
 def expand_referring_texts(samples: list[Sample]) -> list[Sample]:

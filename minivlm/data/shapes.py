@@ -28,7 +28,7 @@ import json
 import random
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from minivlm.cli import add_config_args, config_from_args
@@ -37,37 +37,38 @@ from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, ref
 from minivlm.data.shapes_scene import (COLOURS, KINDS, Scene, caption_scene, render, sample_scene,
                                        scene_key, scene_to_json, split_of)
 from minivlm.data.shapes_stats import question_type_stats, referring_type_counts
+from minivlm.ranges import at_least, between, check_ranges
+from minivlm.errors import run_cli
 
 GENERATOR = "minivlm.data.shapes"
 VERSION = 1  # bump when the output changes, so cached datasets are regenerated
 PRETRAIN_PROMPTS = ("Write a short caption for the image.", "What is in the picture?")
 TWO_IMAGE_PREFIX = f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n"
 SIMPLE_REFERRING = ("name", "colour", "kind")  # the rest need a step of reasoning
+MOST_SHAPES = len(KINDS) * len(COLOURS)  # no two shapes in a scene share colour and kind
 
 
 @dataclass
 class ShapesConfig:
-    image_size: int = 32
-    min_shapes: int = 1
-    max_shapes: int = 4
-    num_train_images: int = 3000  # each is captioned in pretrain.json and questioned in sft.json
-    questions_per_image: int = 4  # SFT turns per train image
-    num_train_pairs: int = 600  # two-image SFT records (pairs of train images)
-    num_val: int = 200  # items in val.json
-    num_test: int = 400  # items in eval.json
-    num_seg_train: int = 1500
-    num_seg_val: int = 100
-    num_seg_test: int = 200
-    jpeg_quality: int = 95  # ReasonSeg images are JPEG like LISA's; masks come from the polygons
+    image_size: int = field(default=32, metadata=at_least(16))  # smaller leaves no room to draw
+    min_shapes: int = field(default=1, metadata=between(1, MOST_SHAPES))
+    max_shapes: int = field(default=4, metadata=between(1, MOST_SHAPES))
+    # each is captioned in pretrain.json and questioned in sft.json
+    num_train_images: int = field(default=3000, metadata=at_least(0))
+    questions_per_image: int = field(default=4, metadata=at_least(0))  # SFT turns per train image
+    num_train_pairs: int = field(default=600, metadata=at_least(0))  # two-image SFT records
+    num_val: int = field(default=200, metadata=at_least(0))  # items in val.json
+    num_test: int = field(default=400, metadata=at_least(0))  # items in eval.json
+    num_seg_train: int = field(default=1500, metadata=at_least(0))
+    num_seg_val: int = field(default=100, metadata=at_least(0))
+    num_seg_test: int = field(default=200, metadata=at_least(0))
+    jpeg_quality: int = field(default=95, metadata=between(1, 100))  # ReasonSeg's, as LISA's
 
     def __post_init__(self):
-        most_shapes = len(KINDS) * len(COLOURS)  # no two shapes in a scene share colour and kind
-        if not 1 <= self.min_shapes <= self.max_shapes <= most_shapes:
-            raise ValueError(f"ShapesConfig: need 1 <= min_shapes <= max_shapes <= {most_shapes}, "
-                             f"found {self.min_shapes}, {self.max_shapes}")
-        if self.image_size < 16:
-            raise ValueError(f"ShapesConfig: image_size {self.image_size} is too small "
-                             "to draw shapes (need >= 16)")
+        check_ranges(self)
+        if self.min_shapes > self.max_shapes:
+            raise ValueError(f"ShapesConfig: min_shapes {self.min_shapes} is more than "
+                             f"max_shapes {self.max_shapes}")
 
     @classmethod
     def quick(cls) -> ShapesConfig:
@@ -295,4 +296,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

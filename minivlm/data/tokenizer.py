@@ -1,5 +1,8 @@
-"""One tokenizer interface over two backends: a SentencePiece BPE trained here, and a Hugging Face
-`tokenizers.Tokenizer` (from a tokenizer.json, or built from GGUF metadata).
+"""The SentencePiece tokenizer trained here, and `load_tokenizer` for whatever a tokenizer saved.
+
+minivlm has one tokenizer interface (`Tokenizer`, in chat_encoding.py) over two backends: a
+SentencePiece BPE (this file) and a Hugging Face `tokenizers.Tokenizer` (hf_tokenizer.py: from a
+tokenizer.json, or built from GGUF metadata).
 
 What the VLM relies on: `encode`/`decode`; "<image>", "[SEG]" and the chat template's markers are
 each exactly one id; `encode_chat` returns ids and labels (-100 except what the assistant says).
@@ -13,7 +16,7 @@ encoding turn by turn gives the same ids; for ChatML the prefix "assistant\\n" a
 one piece of text, which GPT-2-style pre-tokenizers split at the newline (a test checks this).
 
 Where each part lives: the interface and what both backends share (special ids, `encode_chat`,
-`save`) in `tokenizer_base.py`; the Hugging Face backend in `hf_tokenizer.py`; here, the
+`save`) in `chat_encoding.py`; the Hugging Face backend in `hf_tokenizer.py`; here, the
 SentencePiece backend, its trainer, and `load_tokenizer`, which opens whatever `save` wrote.
 
 Saved layout: tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face) plus
@@ -29,11 +32,10 @@ from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
-import tokenizers
 
 from minivlm.constants import IMAGE_TOKEN, SEG_TOKEN
 from minivlm.data.chat_encoding import CONFIG_FILE, ChatTemplate, Tokenizer, get_chat_template
-from minivlm.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+from minivlm.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer, read_tokenizer_json
 from minivlm.files import atomic_path
 
 
@@ -165,7 +167,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """What `Tokenizer.save` wrote; a plain Hugging Face tokenizer directory also works."""
     path = Path(path)
     config_file = path / CONFIG_FILE
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except json.JSONDecodeError as error:  # e.g. a save cut short by a full disk
+        raise ValueError(f"{config_file}: not valid JSON ({error.msg}, line {error.lineno}); "
+                         "the tokenizer directory is damaged") from None
     saved = config.get("minivlm")
     if saved is None:
         if (path / "tokenizer.json").is_file():
@@ -174,9 +180,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                          f"expected a directory written by Tokenizer.save")
     template = ChatTemplate.from_dict(saved["chat_template"])
     if saved["kind"] == SentencePieceTokenizer.kind:
-        return SentencePieceTokenizer((path / "tokenizer.model").read_bytes(), template)
+        model_file = path / "tokenizer.model"
+        proto = model_file.read_bytes()
+        # SentencePiece raises RuntimeError for bytes it cannot parse; an empty file it does not
+        # refuse at all (it logs errors, then fails later), so that one is checked here.
+        if proto:
+            try:
+                return SentencePieceTokenizer(proto, template)
+            except RuntimeError:
+                pass
+        raise ValueError(f"{model_file}: not a SentencePiece model "
+                         f"({'empty' if not proto else 'truncated or damaged'})")
     if saved["kind"] == HFTokenizer.kind:
-        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        backend = read_tokenizer_json(path / "tokenizer.json")
         return HFTokenizer(backend, template, pad_token=saved["pad_token"],
                            bos_token=saved["bos_token"], eos_token=saved["eos_token"])
     raise ValueError(f"{config_file}: minivlm.kind is {saved['kind']!r}; "

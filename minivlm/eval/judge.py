@@ -16,7 +16,9 @@ import os
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from minivlm.ranges import above, at_least, between, check_ranges
 
 DEFAULT_API_KEY_ENV = "MINIVLM_JUDGE_API_KEY"
 # The reference's service and model, used when a Chiron-style `--api_key` comes without a URL.
@@ -35,9 +37,14 @@ class JudgeConfig:
     url: str = ""  # OpenAI-compatible base URL (".../v1" or the like); empty: no judge
     model: str = REFERENCE_MODEL
     api_key_env: str = DEFAULT_API_KEY_ENV  # the environment variable holding the key
-    timeout: float = 60.0  # seconds per request
-    retries: int = 3  # extra tries after a timeout, network error or HTTP 429/5xx
-    temperature: float = 0.9  # the reference's
+    timeout: float = field(default=60.0, metadata=above(0))  # seconds per request
+    # extra tries after a timeout, network error or HTTP 429/5xx
+    retries: int = field(default=3, metadata=at_least(0))
+    # the reference's; 0..2 is what OpenAI-compatible APIs accept
+    temperature: float = field(default=0.9, metadata=between(0, 2))
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 class JudgeError(ValueError):

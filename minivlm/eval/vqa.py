@@ -2,11 +2,12 @@
 and summarised as the Chiron-o1 reference does, plus what it leaves out (steps in `loop.py`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minivlm.data.sample import Sample
 from minivlm.eval.loop import EvalLoop, eval_mode, question_text
 from minivlm.eval.text_metrics import answers_match, bertscore_f1, extract_final_answer
+from minivlm.ranges import at_least, check_ranges
 
 # The Chiron-o1 reference's summary keys, spelled exactly as it writes them.
 REFERENCE_ACC_KEY = "CLOSED Questions Acc"
@@ -17,8 +18,12 @@ REFERENCE_F1_KEY = "OPEN   Questions BERTScore-F1"
 class BertScoreConfig:
     # "minilm" (offline, packaged), "roberta-large", a local folder, or "none"
     model: str = "minilm"
-    num_layers: int = 0  # 0: 6 for minilm, 17 for roberta-large, all layers of a local folder
-    batch_size: int = 64
+    # 0: 6 for minilm, 17 for roberta-large, all layers of a local folder
+    num_layers: int = field(default=0, metadata=at_least(0))
+    batch_size: int = field(default=64, metadata=at_least(1))
+
+    def __post_init__(self):
+        check_ranges(self)
 
     @property
     def enabled(self) -> bool:

@@ -21,12 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivlm.models.prompt_encoder import NoMaskPromptEncoder
-from minivlm.models.two_way_transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
-
-__all__ = [
-    "Attention", "LayerNorm2d", "MLP", "MaskDecoder", "MaskDecoderConfig", "MASK_DECODER_PRESETS",
-    "TwoWayAttentionBlock", "TwoWayTransformer", "build_mask_decoder", "load_sam_mask_decoder",
-]
+from minivlm.models.two_way_transformer import TwoWayTransformer
 
 
 class MLP(nn.Module):

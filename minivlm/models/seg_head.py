@@ -9,7 +9,7 @@ patch grid, projected to the decoder width) so the whole model trains on a CPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -18,20 +18,25 @@ import torch.nn.functional as F
 from minivlm.models.mask_decoder import MaskDecoder
 from minivlm.models.prompt_encoder import NoMaskPromptEncoder
 from minivlm.models.seg_losses import dice_loss, sigmoid_bce_loss
+from minivlm.ranges import at_least, check_ranges
 
 
 @dataclass
 class SegConfig:
     enabled: bool = False
-    decoder_dim: int = 64
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    decoder_mlp_dim: int = 128
-    iou_head_hidden_dim: int = 64
+    decoder_dim: int = field(default=64, metadata=at_least(1))
+    decoder_depth: int = field(default=2, metadata=at_least(1))
+    decoder_heads: int = field(default=4, metadata=at_least(1))
+    decoder_mlp_dim: int = field(default=128, metadata=at_least(1))
+    iou_head_hidden_dim: int = field(default=64, metadata=at_least(1))
     sam_checkpoint: str = ""  # an original SAM .pth: its decoder is loaded, decoder_* become SAM's
-    ce_weight: float = 1.0  # LISA's loss weights
-    bce_weight: float = 2.0
-    dice_weight: float = 0.5
+    # LISA's loss weights; 0 turns a term off
+    ce_weight: float = field(default=1.0, metadata=at_least(0))
+    bce_weight: float = field(default=2.0, metadata=at_least(0))
+    dice_weight: float = field(default=0.5, metadata=at_least(0))
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 class SegHead(nn.Module):

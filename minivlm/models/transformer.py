@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivlm.models.generation import KVCache, generate
+from minivlm.ranges import above, at_least, check_ranges
 from minivlm.weights.gguf import read_gguf_checkpoint
 from minivlm.weights.hf import read_hf_checkpoint, write_hf_checkpoint
 from minivlm.weights.state_dict import check_state_dict
@@ -25,25 +26,24 @@ from minivlm.weights.state_dict import check_state_dict
 class TransformerConfig:
     """Defaults build the tiny model that trains on a laptop CPU; real sizes are in PRESETS."""
 
-    vocab_size: int = 512
-    dim: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    hidden_dim: int = 384  # SwiGLU inner size
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = field(default=512, metadata=at_least(1))
+    dim: int = field(default=128, metadata=at_least(1))
+    num_layers: int = field(default=4, metadata=at_least(1))
+    num_heads: int = field(default=4, metadata=at_least(1))
+    num_kv_heads: int = field(default=2, metadata=at_least(1))
+    hidden_dim: int = field(default=384, metadata=at_least(1))  # SwiGLU inner size
+    max_seq_len: int = field(default=1024, metadata=at_least(1))
+    rope_theta: float = field(default=10000.0, metadata=above(0))
+    norm_eps: float = field(default=1e-5, metadata=above(0))
     qkv_bias: bool = False  # Qwen2 puts a bias on q/k/v
     tie_embeddings: bool = False  # SmolLM2 shares embed_tokens with lm_head
     head_dim: int = field(init=False)
 
     def __post_init__(self):
+        check_ranges(self)  # first: num_heads=0 would fail below as a ZeroDivisionError
         if self.dim % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"TransformerConfig: dim={self.dim} must divide by num_heads={self.num_heads}, "
-                f"and num_heads by num_kv_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"TransformerConfig: dim={self.dim} must divide by num_heads="
+                             f"{self.num_heads}, and num_heads by num_kv_heads={self.num_kv_heads}")
         self.head_dim = self.dim // self.num_heads
 
     def to_dict(self) -> dict:

@@ -7,10 +7,12 @@ or without its pretrained weights); turning a PIL image into normalised tiles is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from minivlm.ranges import at_least, check_ranges
 
 # CLIP's normalisation (OpenAI); named open_clip models bring their own.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,13 +25,17 @@ class VisionConfig:
 
     model_name: str = "tiny"  # "tiny", or an open_clip name such as "ViT-B-16"
     pretrained: str = ""  # open_clip tag ("openai") or a local weights file; "" = random init
-    image_size: int = 32
-    patch_size: int = 4
-    width: int = 128
-    layers: int = 3
-    head_width: int = 32
+    image_size: int = field(default=32, metadata=at_least(1))
+    patch_size: int = field(default=4, metadata=at_least(1))
+    width: int = field(default=128, metadata=at_least(1))
+    layers: int = field(default=3, metadata=at_least(1))
+    head_width: int = field(default=32, metadata=at_least(1))
     freeze: bool = False  # never trained, whatever --train says (train/trainable.py decides)
-    max_tiles: int = 1  # > 1: dynamic tiling (InternVL), plus a thumbnail when tiled
+    # > 1: dynamic tiling (InternVL), plus a thumbnail when tiled
+    max_tiles: int = field(default=1, metadata=at_least(1))
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 class VisionTower(nn.Module):

@@ -27,12 +27,16 @@ from minivlm.constants import IGNORE_INDEX
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig, VisionTower
+from minivlm.ranges import at_least, check_ranges
 
 
 @dataclass
 class ProjectorConfig:
     kind: str = "pixel_shuffle"  # "mlp" | "pixel_shuffle"
-    merge: int = 2  # pixel_shuffle: side of the merged block of patches
+    merge: int = field(default=2, metadata=at_least(1))  # pixel_shuffle: side of a merged block
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 class MLPProjector(nn.Module):

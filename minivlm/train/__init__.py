@@ -1,2 +1,2 @@
 """Training: the loop (autocast, GradScaler, accumulation), schedule, checkpoints, DDP and ZeRO-1,
-and the setup the stage scripts share."""
+which parameters train (trainable.py), and the setup the stage scripts share (stage.py)."""

@@ -13,15 +13,17 @@ A stage starts from one of:
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from minivlm.cli import add_config_args, config_from_args, set_config_defaults
+from minivlm.cli import add_config_args, checked_values, config_from_args, set_config_defaults
 from minivlm.data.batch import ChatDataset
 from minivlm.data.images import ImageProcessor
 from minivlm.data.readers import read_dataset
 from minivlm.data.reasonseg import expand_referring_texts
+from minivlm.data.skipped import skip_summary, skipped_record, write_skipped
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.data.tokenizer import load_tokenizer
 from minivlm.lora import apply_lora
@@ -31,6 +33,7 @@ from minivlm.models.seg_head import SegConfig
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig
 from minivlm.models.vlm import VLM, ProjectorConfig, VLMConfig
+from minivlm.ranges import above, at_least, between, check_ranges
 from minivlm.train.distributed import DistributedEnv, init_distributed
 from minivlm.train.trainable import set_trainable, trainable_table
 from minivlm.train.trainer import TrainConfig
@@ -40,11 +43,14 @@ from minivlm.weights.gguf_loader import load_gguf
 
 @dataclass
 class LoRAConfig:
-    r: int = 0  # 0 = no adapters: the parts named by --train train fully
-    alpha: float = 16.0
-    dropout: float = 0.05
+    r: int = field(default=0, metadata=at_least(0))  # 0 = no adapters: --train's parts train fully
+    alpha: float = field(default=16.0, metadata=above(0))
+    dropout: float = field(default=0.05, metadata=between(0, 1, high_open=True))
     targets: str = "attn,mlp"  # module names, groups (attn, mlp, all-linear), re:...
     train_extra: str = ""  # modules trained fully beside the adapters, comma-separated
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -89,6 +95,13 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     args.train_config = config_from_args(args, TrainConfig)
     args.source = config_from_args(args, SourceConfig)
     args.lora_config = config_from_args(args, LoRAConfig, "lora")
+    # The model's flags become configs only in prepare_model (and never with --init-from):
+    # check their ranges now, so a bad value stops the script before anything is loaded.
+    for config_class, prefix in ((VisionConfig, "vision"), (ProjectorConfig, "projector"),
+                                 (TransformerConfig, "lm"), (SegConfig, "seg")):
+        checked_values(args, config_class, prefix)
+    if args.val_limit < 1:  # a plain flag, not a config field: its range is checked here
+        raise ValueError(f"--val-limit must be >= 1, got {args.val_limit}")
     return args
 
 
@@ -159,7 +172,7 @@ def load_training_data(paths: str, args, model: VLM, tokenizer, env: Distributed
             raise ValueError("--cache-image-features needs a frozen vision tower (leave 'vision' "
                              "out of --train) and --preload-images")
         encoder = model.vision  # frozen: its output for an image never changes, so compute once
-    datasets = []
+    datasets, skipped_all = [], []
     for path in filter(None, paths.split(",")):
         errors: list[str] | None = [] if train.skip_bad else None
         samples = read_dataset(path, train.image_dir or None, errors=errors)
@@ -167,13 +180,18 @@ def load_training_data(paths: str, args, model: VLM, tokenizer, env: Distributed
             samples = expand_referring_texts(samples)
         dataset = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile,
                               model.config.lm.max_seq_len, train.preload_images, train.skip_bad,
-                              image_encoder=encoder)
-        skipped = (errors or []) + dataset.errors
+                              image_encoder=encoder, max_image_pixels=train.max_image_pixels)
+        skipped = [skipped_record(path, message) for message in (errors or []) + dataset.errors]
+        skipped_all += skipped
         if env.is_main:
             print(f"data {path}: {len(dataset)} examples"
-                  + (f", {len(skipped)} bad records skipped (first: {skipped[0]})"
+                  + (f", {len(skipped)} bad records skipped:\n{skip_summary(skipped)}"
                      if skipped else ""))
         datasets.append(dataset)
+    if train.skip_bad and env.is_main:
+        write_skipped(Path(train.out_dir) / "skipped.jsonl", skipped_all)
+        if skipped_all:
+            print(f"every skipped record, with its reason: {train.out_dir}/skipped.jsonl")
     return datasets
 
 

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,12 +20,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minivlm.data.batch import collate
+from minivlm.data.images import MAX_IMAGE_PIXELS
+from minivlm.ranges import above, at_least, check_ranges
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
 from minivlm.train.batch_plan import BatchPlan
-from minivlm.train.checkpoint import (config_differences, load_optimizer_state, restore_rng,
-                                      save_checkpoint)
+from minivlm.train.checkpoint import (check_out_dir, config_differences, load_optimizer_state,
+                                      restore_rng, save_checkpoint)
 from minivlm.train.distributed import (DistributedEnv, all_reduce_mean, barrier, no_sync_if,
                                        wrap_ddp)
+from minivlm.train.resume_report import resume_changes
 from minivlm.train.schedule import cosine_warmup_lr
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
 from minivlm.weights.checkpoint import load_weights, read_config, resolve_checkpoint
@@ -39,31 +42,38 @@ class TrainConfig:
     out_dir: str = "runs/sft"
     init_from: str = ""  # a previous stage's checkpoint (weights + tokenizer)
     resume: bool = False  # continue out_dir's latest checkpoint exactly
+    overwrite: bool = False  # start over in an out_dir that holds checkpoints (else refused)
     train: str = "auto"  # parts to train: comma list of vision,projector,lm,seg or "auto"
-    max_steps: int = 300
-    batch_size: int = 16  # per process and micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    max_steps: int = field(default=300, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))  # per process and micro-batch
+    grad_accum: int = field(default=1, metadata=at_least(1))
+    lr: float = field(default=1e-3, metadata=above(0))
+    min_lr: float = field(default=1e-4, metadata=at_least(0))
+    # may exceed max_steps: the LR then only ramps up
+    warmup_steps: int = field(default=20, metadata=at_least(0))
+    weight_decay: float = field(default=0.01, metadata=at_least(0))
+    grad_clip: float = field(default=1.0, metadata=at_least(0))  # 0 = no clipping
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on CUDA; CPU runs fp32)
     device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end
-    keep: int = 2  # step directories to keep (0 = all)
+    seed: int = field(default=0, metadata=at_least(0))
+    log_every: int = field(default=10, metadata=at_least(1))
+    eval_every: int = field(default=0, metadata=at_least(0))  # 0 = only at the end
+    save_every: int = field(default=0, metadata=at_least(0))  # 0 = only at the end
+    keep: int = field(default=2, metadata=at_least(0))  # step directories to keep (0 = all)
     ddp: bool = False
     zero1: bool = False
     grad_checkpoint: bool = False
     compile: bool = False
     group_by_length: bool = False
     skip_bad: bool = False
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=at_least(0))
     preload_images: bool = True  # decode every image once up front (also validates them)
     cache_image_features: bool = False  # frozen tower: encode every image once, up front
+    # larger images are refused before decoding (data/images.py)
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata=at_least(1))
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -112,6 +122,7 @@ class Trainer:
                               config.group_by_length)
         self.step = 0
         self.out_dir = Path(config.out_dir)
+        check_out_dir(self.out_dir, config.resume, config.overwrite)
         if config.resume:
             self._resume()
 
@@ -134,6 +145,8 @@ class Trainer:
         restore_rng(ckpt, self.env)
         if self.env.is_main:
             print(f"resumed from {ckpt} at step {self.step}")
+            for line in resume_changes(saved.get("train", {}), asdict(self.config), self.step):
+                print(line)
 
     def _loader(self):
         pad_id = self.tokenizer.pad_id

@@ -1,1 +1,2 @@
-"""Real weights in and out: Hugging Face and GGUF language models, PEFT adapters."""
+"""Weights in and out: our own checkpoints (checkpoint.py), Hugging Face and GGUF language models
+(hf.py, gguf*.py), PEFT adapters (peft.py), and the name/shape checks they share (state_dict.py)."""

@@ -3,7 +3,10 @@
     step_000500/  config.json  model.safetensors  tokenizer/  ...
 config.json holds every model config (what the builder needs to rebuild the model exactly) and
 the LoRA settings; tensors come back through safetensors, so loading can never run code. Saving,
-with the optimizer and RNG state a resume needs, is minivlm/train/checkpoint.py.
+with the optimizer and RNG state a resume needs, is minivlm/train/checkpoint.py; while a save
+replaces a step directory of the same name, `latest` may name a hidden copy (`.tmp_step_...`).
+A file that is there but unusable (truncated, or a tokenizer bigger than the model's embedding)
+raises CheckpointError naming it, never a library's traceback.
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from minivlm.data.tokenizer import load_tokenizer
+from minivlm.errors import CheckpointError
 from minivlm.lora import apply_lora, merge_and_unload
 from minivlm.models.build import build_vlm_from_config
 from minivlm.models.vlm import VLMConfig
@@ -25,7 +30,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (follows its `latest`) or a step directory -> the step directory."""
     path = Path(path)
     if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+        name = (path / LATEST).read_text().strip()
+        if not (path / name / "config.json").is_file():
+            raise ValueError(f"{path / LATEST}: names '{name}', which is missing or incomplete; "
+                             f"pass one of the step directories of {path} instead")
+        path = path / name
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ValueError(f"{path}: not a minivlm checkpoint (expected config.json and "
                          "model.safetensors, or a run directory with a 'latest' file)")
@@ -41,7 +50,11 @@ def read_config(ckpt_dir: Path) -> dict:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights strictly, naming the first tensor that is missing or mis-shaped."""
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as error:  # a truncated or overwritten file
+        raise CheckpointError(f"{path}: cannot read the weights ({error}); the file is truncated "
+                              "or damaged") from None
     expected = model.state_dict()
     # Tied weights (embed_tokens / lm_head) share storage; save_model kept one of the names.
     aliases: dict[int, set[str]] = {}
@@ -81,4 +94,11 @@ def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False)
         merge_and_unload(model)
         run_config = dict(run_config, lora=None)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
+    rows = model.config.lm.vocab_size
+    # More rows than pieces is normal (real models pad the embedding); fewer would make any id
+    # past the last row an IndexError deep inside the first forward pass.
+    if tokenizer.vocab_size > rows:
+        raise CheckpointError(f"{ckpt / 'tokenizer'}: {tokenizer.vocab_size} pieces, but the "
+                              f"model's embedding has only {rows} rows; this tokenizer does not "
+                              "belong to this checkpoint")
     return model.to(device), tokenizer, run_config

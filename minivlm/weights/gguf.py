@@ -19,8 +19,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGUFValueType
+from gguf.quants import dequantize
 
 # llama.cpp architectures that are exactly our block. Llama's q/k rows are permuted on export.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -37,8 +40,6 @@ LAYER_NAMES = {
 
 def open_gguf(path: str | Path):
     """A gguf.GGUFReader; a file that is not a complete GGUF becomes one clear error."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such GGUF file")
@@ -52,8 +53,6 @@ def open_gguf(path: str | Path):
 
 def read_metadata(reader) -> dict[str, Any]:
     """All key/value metadata as Python values (strings, numbers, lists)."""
-    from gguf import GGUFValueType
-
     def value(field, index: int):
         part = field.parts[index]
         return part.tobytes().decode("utf-8") if element_type == GGUFValueType.STRING \
@@ -121,8 +120,6 @@ def torch_shape(tensor) -> tuple[int, ...]:
 
 def read_gguf_tensor(tensor, source: str) -> torch.Tensor:
     """One tensor as float32 in torch layout, whatever its block quantisation."""
-    from gguf.quants import dequantize
-
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:

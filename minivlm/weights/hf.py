@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from minivlm.files import atomic_path, write_json_atomic
 
@@ -111,8 +112,6 @@ def config_to_hf(config: dict, dtype: torch.dtype = torch.float32) -> dict:
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, by HF name. Safetensors first, as transformers does."""
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").exists():
         return load_file(path / "model.safetensors")
     for index_name, load in (("model.safetensors.index.json", load_file),
@@ -163,8 +162,6 @@ def write_hf_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config
     Each file is written beside and moved into place (minivlm.files), weights before config, so
     a crash never leaves a config.json pointing at half-written weights.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
