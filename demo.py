@@ -73,11 +73,13 @@ def main(argv=None) -> dict:
     stage("sft", train_sft.main, [
         "--init-from", str(runs / "pretrain"), "--data", f"{data}/sft.json",
         "--out-dir", str(runs / "sft"), "--max-steps", str(recipe["sft_steps"]), *common])
+    # The seg stage adds the segmentation head, sized by the same preset (its --seg-* defaults).
     stage("seg", train_seg.main, [
         "--init-from", str(runs / "sft"),
         "--data", f"{data}/reasonseg/train,{data}/sft.json",
         "--sample-rates", "3,1", "--out-dir", str(runs / "seg"),
-        "--max-steps", str(recipe["seg_steps"]), *common])
+        "--max-steps", str(recipe["seg_steps"]), "--model-preset", recipe["model_preset"],
+        *common])
     vqa = stage("eval_vqa", evaluate_script.main, [
         "--vqa-json-path", f"{data}/eval.json", "--model-path", str(runs / "seg"),
         "--output-path", str(out / "eval_vqa.json"), "--limit", str(recipe["eval_items"]),

@@ -51,7 +51,8 @@ from minivlm.eval.loop import question_text
 from minivlm.eval.segmentation import ANSWER_MODES, iter_seg_batches, summarize_seg
 from minivlm.eval.vqa import BertScoreConfig, add_bertscore, iter_vqa_batches, summarize_vqa
 from minivlm.files import write_text_atomic
-from minivlm.weights.checkpoint import load_vlm, resolve_checkpoint
+from minivlm.load import load_vlm
+from minivlm.weights.checkpoint import resolve_checkpoint
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,8 +24,7 @@ from minivlm.data.images import ImageProcessor, load_image
 from minivlm.data.sample import Sample
 from minivlm.errors import run_cli
 from minivlm.eval.inference import answer_samples, mask_overlay, segment_samples
-from minivlm.weights.gguf_loader import load_gguf
-from minivlm.weights.checkpoint import load_vlm
+from minivlm.load import load_gguf, load_vlm
 
 
 class VLMChat:

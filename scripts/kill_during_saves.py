@@ -49,7 +49,8 @@ from minivlm.train.checkpoint import (load_optimizer_state, load_tensor_file,  #
                                       read_trainer_state)
 from minivlm.train.distributed import init_distributed  # noqa: E402
 from minivlm.train_tokenizer import main as train_tokenizer  # noqa: E402
-from minivlm.weights.checkpoint import LATEST, load_vlm, resolve_checkpoint  # noqa: E402
+from minivlm.load import load_vlm  # noqa: E402
+from minivlm.weights.checkpoint import LATEST, resolve_checkpoint  # noqa: E402
 
 FILES = ["config.json", "model.safetensors", "trainer_state.json", "optimizer_rank0.pt",
          "rng_rank0.pt", "tokenizer/tokenizer_config.json"]

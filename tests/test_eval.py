@@ -23,7 +23,7 @@ from minivlm.eval.vqa import vqa_metrics
 from minivlm.models.build import build_vlm
 from minivlm.train.checkpoint import save_checkpoint
 from minivlm.train.distributed import init_distributed
-from minivlm.weights.checkpoint import load_vlm
+from minivlm.load import load_vlm
 
 import test_text_metrics
 from conftest import tiny_vlm_config

@@ -1,7 +1,7 @@
 """The shared fixtures load back: the tiny checkpoint is a real, loadable VLM."""
 import torch
 
-from minivlm.weights.checkpoint import load_vlm
+from minivlm.load import load_vlm
 
 
 

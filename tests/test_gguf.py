@@ -17,7 +17,7 @@ from minivlm.data.chat_encoding import CHATML
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.weights.gguf_tokenizer import load_gguf_tokenizer
 from minivlm.weights.gguf import open_gguf
-from minivlm.weights.gguf_loader import load_gguf
+from minivlm.load import load_gguf
 from minivlm.models.transformer import Transformer, TransformerConfig
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0

@@ -3,7 +3,8 @@
 Checked over `minivlm/` and the top-level scripts by reading their source (nothing is imported):
 no .py file over MAX_LINES lines; no import of a minivlm module inside a function or class (a lazy
 import is how a cycle hides); no re-exports in a package `__init__.py`; no import cycle between
-minivlm modules. Each check is also run on a small package that breaks it, so it can fail.
+minivlm modules; imports between the packages only in the allowed direction. Each check is also run
+on small inputs that break it, so it can fail.
 """
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "minivlm"
 MAX_LINES = 300
+# Imports between the packages run one way (STYLE.md rule 15): the model knows nothing of data,
+# training or evaluation; the weight formats know nothing of the model; data knows no model.
+FORBIDDEN_IMPORTS = {
+    "minivlm.models": ("minivlm.data", "minivlm.train", "minivlm.eval", "minivlm.load"),
+    "minivlm.weights": ("minivlm.models", "minivlm.train", "minivlm.eval", "minivlm.load"),
+    "minivlm.data": ("minivlm.models", "minivlm.weights", "minivlm.train", "minivlm.eval",
+                     "minivlm.load"),
+    "minivlm.eval": ("minivlm.train",),
+}
 
 
 def python_files(repo: Path) -> list[Path]:
@@ -91,6 +101,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that go against FORBIDDEN_IMPORTS, as 'importer -> imported'."""
+    def within(module: str, package: str) -> bool:
+        return module == package or module.startswith(package + ".")
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  for package, banned in FORBIDDEN_IMPORTS.items()
+                  if within(a, package) and any(within(b, x) for x in banned))
+
+
 def long_files(repo: Path) -> list[str]:
     return [f"{p.relative_to(repo)}: {n} lines" for p in python_files(repo)
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
@@ -105,6 +124,7 @@ def test_no_import_cycle_and_no_lazy_or_reexported_imports():
     assert find_cycle(graph) is None
     assert lazy == []
     assert reexports == []
+    assert wrong_way_imports(graph) == []
 
 
 @pytest.fixture
@@ -127,3 +147,6 @@ def test_checks_catch_a_broken_package(broken_repo: Path):
     assert lazy == ["minivlm/c.py:2"]
     assert reexports == ["minivlm/__init__.py:1"]
     assert long_files(broken_repo) == [f"minivlm/c.py: {MAX_LINES + 3} lines"]
+    assert wrong_way_imports({"minivlm.models.vlm": {"minivlm.data.batch", "minivlm.constants"},
+                              "minivlm.train.trainer": {"minivlm.models.vlm"}}) == [
+        "minivlm.models.vlm -> minivlm.data.batch"]

@@ -22,7 +22,8 @@ from minivlm.models.build import build_vlm
 from minivlm.train.checkpoint import load_optimizer_state, save_checkpoint
 from minivlm.train.distributed import init_distributed
 from minivlm.train_tokenizer import dataset_texts
-from minivlm.weights.checkpoint import LATEST, load_vlm, resolve_checkpoint
+from minivlm.load import load_vlm
+from minivlm.weights.checkpoint import LATEST, resolve_checkpoint
 
 from conftest import tiny_vlm_config
 

@@ -16,7 +16,8 @@ import train_sft
 from minivlm.consolidate import consolidate
 from minivlm.models.presets import MODEL_PRESETS, preset_config
 from minivlm.train.batch_plan import BatchPlan
-from minivlm.weights.checkpoint import load_vlm, resolve_checkpoint
+from minivlm.load import load_vlm
+from minivlm.weights.checkpoint import resolve_checkpoint
 from minivlm.train.distributed import init_distributed
 from minivlm.train.schedule import cosine_warmup_lr
 from minivlm.train.stage import parse_args

@@ -26,6 +26,7 @@ from minivlm.data.reasonseg import expand_referring_texts
 from minivlm.data.skipped import skip_summary, skipped_record, write_skipped
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.data.tokenizer import load_tokenizer
+from minivlm.load import load_gguf, load_vlm
 from minivlm.lora import apply_lora
 from minivlm.models.build import attach_seg_head, build_vlm
 from minivlm.models.presets import LM_PRESETS, MODEL_PRESETS, preset_overrides
@@ -34,11 +35,10 @@ from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig
 from minivlm.models.vlm import VLM, ProjectorConfig, VLMConfig
 from minivlm.ranges import above, at_least, between, check_ranges
+from minivlm.train.checkpoint import check_out_dir
 from minivlm.train.distributed import DistributedEnv, init_distributed
 from minivlm.train.trainable import set_trainable, trainable_table
 from minivlm.train.trainer import TrainConfig
-from minivlm.weights.checkpoint import load_vlm
-from minivlm.weights.gguf_loader import load_gguf
 
 
 @dataclass
@@ -196,6 +196,9 @@ def load_training_data(paths: str, args, model: VLM, tokenizer, env: Distributed
 
 
 def start(args) -> DistributedEnv:
+    c = args.train_config
+    # Refuse a rerun into a finished run before minutes of loading (the Trainer checks again).
+    check_out_dir(c.out_dir, c.resume, c.overwrite)
     env = init_distributed(args.train_config.ddp, None if args.train_config.device == "auto"
                            else args.train_config.device)
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).

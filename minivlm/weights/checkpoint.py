@@ -1,4 +1,4 @@
-"""Reading minivlm's own checkpoints: a step directory (or a run's `latest`) back into a model.
+"""Reading minivlm's own checkpoints: find a step directory (or a run's `latest`), read its files.
 
     step_000500/  config.json  model.safetensors  tokenizer/  ...
 config.json holds every model config (what the builder needs to rebuild the model exactly) and
@@ -6,7 +6,8 @@ the LoRA settings; tensors come back through safetensors, so loading can never r
 with the optimizer and RNG state a resume needs, is minivlm/train/checkpoint.py; while a save
 replaces a step directory of the same name, `latest` may name a hidden copy (`.tmp_step_...`).
 A file that is there but unusable (truncated, or a tokenizer bigger than the model's embedding)
-raises CheckpointError naming it, never a library's traceback.
+raises CheckpointError naming it, never a library's traceback. The model itself is rebuilt by
+`minivlm.load.load_vlm`, so this file needs nothing from minivlm.models.
 """
 from __future__ import annotations
 
@@ -17,11 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from minivlm.data.tokenizer import load_tokenizer
 from minivlm.errors import CheckpointError
-from minivlm.lora import apply_lora, merge_and_unload
-from minivlm.models.build import build_vlm_from_config
-from minivlm.models.vlm import VLMConfig
 
 LATEST = "latest"  # a run directory's pointer file: the name of its newest complete step
 
@@ -71,34 +68,3 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: unexpected tensor '{unexpected[0]}' "
                          f"({len(unexpected)} in all) for this model config")
     model.load_state_dict(state, strict=False)
-
-
-def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False):
-    """(model, tokenizer, run_config) from a checkpoint directory or a run's `latest`.
-
-    A LoRA checkpoint is rebuilt with its adapters (so training can resume); `merge_lora` folds
-    them into plain weights instead, as the next stage or inference wants.
-    """
-    ckpt = resolve_checkpoint(path)
-    run_config = read_config(ckpt)
-    # The checkpoint holds every weight: none is fetched again. The config keeps naming where
-    # the tower's weights first came from ("" = trained here from random).
-    model = build_vlm_from_config(VLMConfig.from_dict(run_config["model"]),
-                                  load_pretrained=False)
-    lora = run_config.get("lora")
-    if lora:
-        apply_lora(model.lm, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                   targets=lora["targets"])
-    load_weights(model, ckpt / "model.safetensors")
-    if lora and merge_lora:
-        merge_and_unload(model)
-        run_config = dict(run_config, lora=None)
-    tokenizer = load_tokenizer(ckpt / "tokenizer")
-    rows = model.config.lm.vocab_size
-    # More rows than pieces is normal (real models pad the embedding); fewer would make any id
-    # past the last row an IndexError deep inside the first forward pass.
-    if tokenizer.vocab_size > rows:
-        raise CheckpointError(f"{ckpt / 'tokenizer'}: {tokenizer.vocab_size} pieces, but the "
-                              f"model's embedding has only {rows} rows; this tokenizer does not "
-                              "belong to this checkpoint")
-    return model.to(device), tokenizer, run_config

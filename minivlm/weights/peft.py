@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from minivlm.files import atomic_path, write_json_atomic
 from minivlm.lora import (LoRALinear, adaptable_linears, freeze_all_but_lora, lora_modules,
                           summarize_names, target_matches, wrap_linears)
-from minivlm.models.transformer import Transformer
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM
 
@@ -30,13 +29,19 @@ def _is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
+def _is_language_model(module: nn.Module) -> bool:
+    # Recognised by its Llama parameter names (a Transformer, or any model named like one), so
+    # this format module needs nothing from minivlm.models.
+    return hasattr(module, "embed_tokens") and hasattr(module, "layers")
+
+
 def _lm_prefix(model: nn.Module, prefix: str | None) -> str:
     """Where the language model sits: "" for a Transformer, "lm." for VLM's `vlm.lm`."""
     if prefix is not None:
         return prefix
-    if isinstance(model, Transformer):
+    if _is_language_model(model):
         return ""
-    found = [n for n, m in model.named_modules() if isinstance(m, Transformer)]
+    found = [n for n, m in model.named_modules() if _is_language_model(m)]
     if len(found) != 1:
         raise ValueError(f"PEFT adapter: found {len(found)} Transformer submodules {found}; "
                          f"pass prefix= (e.g. 'lm.')")
