@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minivlm.constants import MASK_IGNORE
 from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
 from minivlm.data.readers import read_chiron_eval
@@ -167,8 +168,8 @@ def save_example(folder: Path, record: dict, image_path: Path, predicted: list,
         mask = np.asarray(mask, dtype=np.uint8)  # (H, W) 0/1
         suffix = f"_{k}" if len(predicted) > 1 else ""
         Image.fromarray(mask * 255).save(folder / f"{stem}{suffix}_mask.png")
-        Image.fromarray(np.where(target == 1, 255, np.where(target == 255, 128, 0)).astype(np.uint8)
-                        ).save(folder / f"{stem}{suffix}_target.png")  # ignore pixels in grey
+        grey_ignored = np.where(target == 1, 255, np.where(target == MASK_IGNORE, 128, 0))
+        Image.fromarray(grey_ignored.astype(np.uint8)).save(folder / f"{stem}{suffix}_target.png")
         mask_overlay(image, mask).save(folder / f"{stem}{suffix}_overlay.png")
 
 

@@ -157,5 +157,6 @@ def main():
         print(f"| {label} | {measure} | {tokens / min(ours):,.0f} | {tokens / min(theirs):,.0f} "
               f"| {ratio:.2f}x | {median_ratio:.2f}x | >= {goal}x {verdict} |")
 
+
 if __name__ == "__main__":
     main()

@@ -19,7 +19,8 @@ from minivlm.lora import apply_lora, merge_and_unload
 from minivlm.models.build import build_vlm_from_config
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vlm import VLMConfig
-from minivlm.weights.checkpoint import load_weights, read_config, resolve_checkpoint
+from minivlm.weights.checkpoint import (TOKENIZER_DIR, WEIGHTS_FILE, load_weights, read_config,
+                                         resolve_checkpoint)
 from minivlm.weights.gguf import read_gguf_checkpoint
 from minivlm.weights.gguf_tokenizer import tokenizer_from_metadata
 
@@ -40,16 +41,16 @@ def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False)
     if lora:
         apply_lora(model.lm, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                    targets=lora["targets"])
-    load_weights(model, ckpt / "model.safetensors")
+    load_weights(model, ckpt / WEIGHTS_FILE)
     if lora and merge_lora:
         merge_and_unload(model)
         run_config = dict(run_config, lora=None)
-    tokenizer = load_tokenizer(ckpt / "tokenizer")
+    tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR)
     rows = model.config.lm.vocab_size
     # More rows than pieces is normal (real models pad the embedding); fewer would make any id
     # past the last row an IndexError deep inside the first forward pass.
     if tokenizer.vocab_size > rows:
-        raise CheckpointError(f"{ckpt / 'tokenizer'}: {tokenizer.vocab_size} pieces, but the "
+        raise CheckpointError(f"{ckpt / TOKENIZER_DIR}: {tokenizer.vocab_size} pieces, but the "
                               f"model's embedding has only {rows} rows; this tokenizer does not "
                               "belong to this checkpoint")
     return model.to(device), tokenizer, run_config

@@ -13,7 +13,6 @@ from minivlm.train.distributed import init_distributed
 from minivlm.train_tokenizer import dataset_texts
 
 
-
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")

@@ -4,7 +4,6 @@ import torch
 from minivlm.load import load_vlm
 
 
-
 def test_tiny_checkpoint_loads_with_identical_weights(tiny_checkpoint):
     model, tokenizer, run_config = load_vlm(tiny_checkpoint)
     again, _, _ = load_vlm(tiny_checkpoint)

@@ -29,6 +29,7 @@ from typing import Iterable
 from minivlm.constants import IGNORE_INDEX, IMAGE_TOKEN, ROLES, SEG_TOKEN
 from minivlm.files import write_json_atomic
 
+
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from minivlm.cli import add_config_args, config_from_args
-from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
+from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN, SEG_TOKEN
 from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, referring_expressions
 from minivlm.data.shapes_scene import (COLOURS, KINDS, Scene, caption_scene, render, sample_scene,
                                        scene_key, scene_to_json, split_of)
@@ -205,7 +205,8 @@ def _write_reasonseg(out: Path, split: str, seed: int, num_items: int,
                                   "shape_type": "polygon", "group_id": None, "flags": {}}],
                       "imagePath": f"{name}.jpg", "imageHeight": c.image_size,
                       "imageWidth": c.image_size,
-                      "target": target.name, "answer": f"Sure, it is the {target.name} [SEG].",
+                      "target": target.name,
+                      "answer": f"Sure, it is the {target.name} {SEG_TOKEN}.",
                       "referring_types": [o[3] for o in picked],
                       "scene": scene_to_json(scene)}
         (folder / f"{name}.json").write_text(json.dumps(annotation, indent=1))

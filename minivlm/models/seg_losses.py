@@ -17,7 +17,6 @@ from torch import Tensor
 from minivlm.constants import MASK_IGNORE
 
 
-
 def split_ignore(gt_masks: Tensor, ignore_index: int = MASK_IGNORE) -> tuple[Tensor, Tensor]:
     """(N, H, W) targets with 0/1/ignore -> float `target` (1 on the object) and `valid`
     (0 on ignore)."""

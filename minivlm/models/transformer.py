@@ -297,4 +297,3 @@ def positions_from_mask(attention_mask, past_len: int, query_len: int, device) -
         return torch.arange(past_len, past_len + query_len, device=device)[None]  # (1, T)
     positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
     return positions.clamp(min=0)[:, past_len:past_len + query_len]  # (B, T)
-

@@ -215,4 +215,3 @@ class VLM(nn.Module):
             return []
         tiles = patch_tokens[seg_tile_index[rows]]
         return self.seg_head(hidden[rows, cols], tiles, [image_sizes[r] for r in rows.tolist()])
-

@@ -27,7 +27,8 @@ from safetensors.torch import save_model
 from minivlm.errors import CheckpointError
 from minivlm.files import write_text_atomic
 from minivlm.train.distributed import DistributedEnv, barrier
-from minivlm.weights.checkpoint import LATEST
+from minivlm.weights.checkpoint import (LATEST, RUN_CONFIG_FILE, TOKENIZER_DIR, TRAINER_STATE_FILE,
+                                         WEIGHTS_FILE)
 
 HIDDEN = (".tmp_", ".old_")  # a save being written / a step directory being replaced
 
@@ -64,12 +65,12 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model, config: dict, toke
         torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{env.rank}.pt")
     torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
     if env.is_main:
-        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates itself
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save(tmp / "tokenizer")
+        save_model(model, str(tmp / WEIGHTS_FILE))  # drops tied duplicates itself
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        tokenizer.save(tmp / TOKENIZER_DIR)
         state = dict(trainer_state, step=step, world_size=env.world_size,
                      sharded_optimizer=sharded_optimizer)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
     barrier(env)  # every shard is on disk before the directory becomes visible
     if env.is_main:
         install(out_dir, name)
@@ -136,7 +137,7 @@ def load_tensor_file(path: Path):
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / "trainer_state.json"
+    path = ckpt_dir / TRAINER_STATE_FILE
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -204,4 +204,3 @@ def start(args) -> DistributedEnv:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(args.train_config.seed)
     return env
-

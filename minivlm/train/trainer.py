@@ -8,7 +8,6 @@ Data order is a pure function of (seed, epoch), so `--resume` continues bit-exac
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -25,13 +24,14 @@ from minivlm.ranges import above, at_least, check_ranges
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
 from minivlm.train.batch_plan import BatchPlan
 from minivlm.train.checkpoint import (check_out_dir, config_differences, load_optimizer_state,
-                                      restore_rng, save_checkpoint)
+                                      read_trainer_state, restore_rng, save_checkpoint)
 from minivlm.train.distributed import (DistributedEnv, all_reduce_mean, barrier, no_sync_if,
                                        wrap_ddp)
 from minivlm.train.resume_report import resume_changes
 from minivlm.train.schedule import cosine_warmup_lr
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
-from minivlm.weights.checkpoint import load_weights, read_config, resolve_checkpoint
+from minivlm.weights.checkpoint import (WEIGHTS_FILE, load_weights, read_config,
+                                         resolve_checkpoint)
 
 
 @dataclass
@@ -133,13 +133,13 @@ class Trainer:
         if differences:
             raise ValueError(f"{ckpt}: cannot resume, the model config differs: "
                              + "; ".join(differences[:5]))
-        load_weights(self.model, ckpt / "model.safetensors")
+        load_weights(self.model, ckpt / WEIGHTS_FILE)
         optimizer_state, is_shard = load_optimizer_state(ckpt, self.env, self.config.zero1)
         if self.config.zero1 and not is_shard:
             self.optimizer.load_full_state_dict(optimizer_state)  # re-shard for this world size
         else:
             self.optimizer.load_state_dict(optimizer_state)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = read_trainer_state(ckpt)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         restore_rng(ckpt, self.env)

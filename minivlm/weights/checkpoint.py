@@ -21,6 +21,11 @@ from safetensors.torch import load_file
 from minivlm.errors import CheckpointError
 
 LATEST = "latest"  # a run directory's pointer file: the name of its newest complete step
+# The files of one step directory, written by train/checkpoint.py and read here and in load.py.
+RUN_CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -28,11 +33,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / LATEST).is_file():
         name = (path / LATEST).read_text().strip()
-        if not (path / name / "config.json").is_file():
+        if not (path / name / RUN_CONFIG_FILE).is_file():
             raise ValueError(f"{path / LATEST}: names '{name}', which is missing or incomplete; "
                              f"pass one of the step directories of {path} instead")
         path = path / name
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+    if not (path / RUN_CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ValueError(f"{path}: not a minivlm checkpoint (expected config.json and "
                          "model.safetensors, or a run directory with a 'latest' file)")
     return path
@@ -40,9 +45,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_config(ckpt_dir: Path) -> dict:
     try:
-        return json.loads((ckpt_dir / "config.json").read_text())
+        return json.loads((ckpt_dir / RUN_CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{ckpt_dir / 'config.json'}: unreadable ({error})") from None
+        raise ValueError(f"{ckpt_dir / RUN_CONFIG_FILE}: unreadable ({error})") from None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
