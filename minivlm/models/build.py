@@ -9,8 +9,8 @@ checkpoint that holds them all (minivlm/weights/checkpoint.py's `load_vlm`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
-
 
 from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig,
                                          build_mask_decoder, load_sam_mask_decoder)
@@ -34,7 +34,16 @@ def build_vision_tower(config: VisionConfig, load_pretrained: bool = True) -> Vi
         )
         mean, std = CLIP_MEAN, CLIP_STD
     else:
+        if config.model_name not in open_clip.list_models():  # open_clip would raise RuntimeError
+            raise ValueError(f"--vision-model-name {config.model_name!r}: not an open_clip model "
+                             "(python -c 'import open_clip; print(open_clip.list_models())')")
         pretrained = config.pretrained if load_pretrained else ""
+        if (pretrained and not os.path.isfile(pretrained)
+                and not open_clip.get_pretrained_cfg(config.model_name, pretrained)):
+            # open_clip's own error is a RuntimeError, which run_cli would show as a traceback.
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(config.model_name))
+            raise ValueError(f"{pretrained}: no such file, nor one of open_clip's pretrained tags "
+                             f"for {config.model_name} ({tags or 'it has none'})")
         clip = open_clip.create_model(config.model_name, pretrained=pretrained or None)
         preprocess = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
         if config.pretrained and not load_pretrained:
@@ -83,6 +92,10 @@ def build_vlm_from_config(config: VLMConfig, lm: Transformer | None = None,
     # Parts are built in this order so that a seed gives the same initial weights as ever.
     vision = build_vision_tower(config.vision, load_pretrained)
     lm = lm if lm is not None else Transformer(config.lm)
+    grid, merge = vision.grid_size, config.projector.merge
+    if config.projector.kind == "pixel_shuffle" and grid % merge:  # fail now, not at step one
+        raise ValueError(f"--projector-merge {merge}: the tower's {grid}x{grid} patch grid does "
+                         "not divide into merged blocks; use --projector-kind mlp or another merge")
     projector = build_projector(config.projector, vision.config.width, lm.config.dim)
     seg, seg_head = config.seg, None
     if seg.enabled:
