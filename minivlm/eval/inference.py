@@ -32,7 +32,9 @@ def encode_prompt(sample: Sample, tokenizer, image_processor, tokens_per_tile: i
     if answer is not None:
         turns = turns + [{"role": "assistant", "content": answer}]
     ids, labels = tokenizer.encode_chat(turns, add_generation_prompt=answer is None)
-    pixels = [image_processor(load_image(p)) for p in sample.images]
+    # Paths, or images already decoded to RGB (lmms-eval's tasks hand over PIL images).
+    pixels = [image_processor(p if isinstance(p, Image.Image) else load_image(p))
+              for p in sample.images]
     ids, labels = expand_image_tokens(ids, labels, tokenizer.image_token_id,
                                       [px.shape[0] * tokens_per_tile for px in pixels])
     return dict(input_ids=ids, labels=labels, pixel_values=pixels, masks=[])
@@ -44,19 +46,23 @@ def batches(items: list, batch_size: int) -> Iterator[list]:
         yield items[start:start + batch_size]
 
 
+def prompt_batch(model, tokenizer, image_processor, samples: list[Sample]):
+    """(input_ids, attention_mask, pixel_values or None) of the samples' prompts, left-padded,
+    on the model's device: what `generate` and `generate_steps` take."""
+    device = next(model.parameters()).device
+    batch = collate([encode_prompt(s, tokenizer, image_processor, model.image_tokens_per_tile)
+                     for s in samples], tokenizer.pad_id, left_pad=True)
+    pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels
+
+
 @torch.no_grad()
 def answer_samples(model, tokenizer, image_processor, samples: list[Sample],
                    batch_size: int = 16, max_new_tokens: int = 64, progress=None) -> list[str]:
     """Greedy answers, one string per sample."""
-    device = next(model.parameters()).device
     answers = []
     for chunk in batches(samples, batch_size):
-        batch = collate([encode_prompt(s, tokenizer, image_processor,
-                                       model.image_tokens_per_tile) for s in chunk],
-                        tokenizer.pad_id, left_pad=True)
-        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        new_tokens = model.generate(batch["input_ids"].to(device),
-                                    batch["attention_mask"].to(device), pixels,
+        new_tokens = model.generate(*prompt_batch(model, tokenizer, image_processor, chunk),
                                     max_new_tokens=max_new_tokens,
                                     stop_token_ids=tokenizer.stop_token_ids,
                                     pad_token_id=tokenizer.pad_id)
@@ -64,6 +70,22 @@ def answer_samples(model, tokenizer, image_processor, samples: list[Sample],
         if progress is not None:
             progress.update(len(chunk))
     return answers
+
+
+@torch.no_grad()
+def stream_answer(model, tokenizer, image_processor, sample: Sample, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> Iterator[str]:
+    """The answer to one sample, as the whole text so far after each new token (the web demo
+    streams it): decoding the ids together, not piece by piece, keeps a word or a multi-byte
+    character split across tokens whole. Greedy by default, ending where `answer_samples` does."""
+    ids = []
+    for token in model.generate_steps(*prompt_batch(model, tokenizer, image_processor, [sample]),
+                                      max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, stop_token_ids=tokenizer.stop_token_ids,
+                                      pad_token_id=tokenizer.pad_id, generator=generator):
+        ids.append(int(token[0]))
+        yield tokenizer.decode(ids)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from PIL import Image
 from torch import nn
 
 from minivlm.data.images import ImageProcessor, image_size
@@ -26,9 +27,11 @@ def question_text(sample: Sample) -> str:
 
 def prompt_length(sample: Sample, tokenizer, processor: ImageProcessor,
                   tokens_per_tile: int) -> int:
-    """Tokens in the generation prompt, images expanded (image sizes read from file headers)."""
+    """Tokens in the generation prompt, images expanded (image sizes read from file headers, or
+    from images already decoded)."""
     ids, _ = tokenizer.encode_chat(prompt_turns(sample), add_generation_prompt=True)
-    tiles = sum(processor.num_tiles(image_size(p)) for p in sample.images)
+    tiles = sum(processor.num_tiles(p.size if isinstance(p, Image.Image) else image_size(p))
+                for p in sample.images)
     return len(ids) - len(sample.images) + tiles * tokens_per_tile
 
 

@@ -1,9 +1,12 @@
 """Decoding with a KV cache: the cache itself, the sampling rule, and the prefill-then-decode loop.
 
-`Transformer.generate` calls `generate` below with itself; nothing here imports the model, which
-is only called (`model(input_ids=..., kv_cache=...)`) and read (`model.config`).
+`Transformer.generate` calls `generate` below with itself, and `VLM.generate_steps` calls
+`decode_steps`, the loop itself, to stream tokens (the web demo); nothing here imports the model,
+which is only called (`model(input_ids=..., kv_cache=...)`) and read (`model.config`).
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -53,15 +56,17 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
 
 
 @torch.no_grad()
-def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None,
-             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Prefill the prompt once, then decode one token at a time from the KV cache.
+def decode_steps(model, input_ids=None, inputs_embeds=None, attention_mask=None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
+                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Prefill the prompt once, then decode one token at a time from the KV cache, yielding each
+    step's new tokens (B,) as soon as they are sampled: `generate` stacks them, the web demo
+    shows each one as it comes. The only decoding loop in minivlm.
 
     Batches are left-padded (attention_mask 0 on the left), so every row's next token is
-    written at the same column. Returns the new tokens (B, N); rows that hit a stop token are
-    filled with `pad_token_id` afterwards. temperature=0 is greedy.
+    written at the same column. Rows that hit a stop token get `pad_token_id` afterwards; the
+    loop ends when every row has stopped. temperature=0 is greedy.
     """
     prompt = input_ids if input_ids is not None else inputs_embeds
     B, T = prompt.shape[:2]
@@ -79,15 +84,25 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None,
                    attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)
     stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
     for _ in range(max_new_tokens):
         token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         token = token.masked_fill(finished, pad_token_id)
-        new_tokens.append(token)
+        yield token
         finished |= torch.isin(token, stop)
         if bool(finished.all()):
-            break
+            return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)  # (B, S+1)
         logits = model(input_ids=token[:, None], attention_mask=attention_mask,
                        kv_cache=cache)[:, -1]  # (B, V)
-    return torch.stack(new_tokens, dim=1) if new_tokens else prompt.new_zeros(B, 0).long()
+
+
+@torch.no_grad()
+def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """The new tokens (B, N) of `decode_steps` (same arguments), at least one step: rows that
+    hit a stop token are filled with `pad_token_id` afterwards."""
+    steps = decode_steps(model, input_ids, inputs_embeds, attention_mask, max_new_tokens,
+                         temperature, top_k, top_p, stop_token_ids, pad_token_id, generator)
+    return torch.stack(list(steps), dim=1)  # (B, N)

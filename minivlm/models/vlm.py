@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivlm.constants import IGNORE_INDEX
+from minivlm.models.generation import decode_steps
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig, VisionTower
@@ -199,6 +200,13 @@ class VLM(nn.Module):
         """Prefill text + image embeddings through `inputs_embeds`, then KV-cache decoding."""
         embeds, _ = self.embed(input_ids, pixel_values)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_steps(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        """As `generate`, but yields each step's new tokens (B,) as they come (streaming)."""
+        embeds, _ = self.embed(input_ids, pixel_values)
+        yield from decode_steps(self.lm, inputs_embeds=embeds, attention_mask=attention_mask,
                                 **generate_kwargs)
 
     @torch.no_grad()
