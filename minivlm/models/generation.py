@@ -101,8 +101,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """The new tokens (B, N) of `decode_steps` (same arguments), at least one step: rows that
-    hit a stop token are filled with `pad_token_id` afterwards."""
-    steps = decode_steps(model, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                         temperature, top_k, top_p, stop_token_ids, pad_token_id, generator)
-    return torch.stack(list(steps), dim=1)  # (B, N)
+    """The new tokens (B, N) of `decode_steps` (same arguments): rows that hit a stop token are
+    filled with `pad_token_id` afterwards; N is 0 when max_new_tokens is."""
+    steps = list(decode_steps(model, input_ids, inputs_embeds, attention_mask, max_new_tokens,
+                              temperature, top_k, top_p, stop_token_ids, pad_token_id, generator))
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    return torch.stack(steps, dim=1) if steps else prompt.new_zeros(prompt.shape[0], 0).long()
