@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import demo  # the top-level script (pytest runs from the repo root)
+
 from minivlm.data.shapes import ShapesConfig, generate
 from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece
 from minivlm.models.build import build_vlm
@@ -44,3 +46,11 @@ def tiny_checkpoint(tiny_tokenizer_dir, tmp_path_factory) -> Path:
                     tokenizer=tokenizer, trainer_state={"scaler": {}},
                     optimizer=torch.optim.AdamW(model.parameters()), env=init_distributed(False))
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
+    """`demo.py --quick` run once for the session: (its --out folder, its results). The trained
+    model is `out / "runs" / "seg"` (a tiny VLM that went through every stage)."""
+    out = tmp_path_factory.mktemp("quick_demo")
+    return out, demo.main(["--quick", "--out", str(out)])

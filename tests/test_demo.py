@@ -4,13 +4,12 @@ import json
 import numpy as np
 from PIL import Image
 
-import demo
 from minivlm import chat
 from minivlm.eval.inference import mask_overlay
 
 
-def test_demo_quick_runs_every_stage_and_writes_results(tmp_path):
-    results = demo.main(["--quick", "--out", str(tmp_path)])
+def test_demo_quick_runs_every_stage_and_writes_results(quick_demo):
+    tmp_path, results = quick_demo
     assert list(results["seconds"]) == ["data", "tokenizer", "pretrain", "sft", "seg",
                                         "eval_vqa", "eval_seg"]
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -185,15 +185,16 @@ def wait_until_serving(server: subprocess.Popen, url: str, log: Path):
 
 
 @pytest.fixture
-def web_server(chromium, tiny_checkpoint, tmp_path):
+def web_server(chromium, quick_demo, tmp_path):
     """`python -m minivlm.web` on a free local port (after `chromium`: a skip starts nothing);
     yields its URL, stopped afterwards."""
     port = free_port()
     log = tmp_path / "server.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    checkpoint = quick_demo[0] / "runs" / "seg"  # a demo.py --quick model, as a user would serve
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "minivlm.web", "--model-path",
-                                   str(tiny_checkpoint), "--port", str(port)], cwd=REPO, env=env,
+                                   str(checkpoint), "--port", str(port)], cwd=REPO, env=env,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until_serving(server, f"http://127.0.0.1:{port}/", log)
