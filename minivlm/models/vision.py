@@ -3,7 +3,7 @@
 The VLM uses every patch token (B, P, Dv), not only CLIP's pooled embedding: the language model
 needs to know *where* things are. The tower is built by models/build.py (open_clip's model, with
 or without its pretrained weights); turning a PIL image into normalised tiles is data's job
-(data/image_processor.py).
+(data/images.py).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ takes three steps, each a function below:
      row permutation llama.cpp applies to q/k for its RoPE layout      (`read_gguf_tensor`)
   3. llama.cpp names -> ours                                           (`read_gguf_checkpoint`)
 The model is built and every tensor checked by `Transformer.from_gguf`, as for HF checkpoints;
-the tokenizer the file carries is gguf_tokenizer.py's, and weights/gguf_loader.py joins the two:
+the tokenizer the file carries is gguf_tokenizer.py's, and minivlm/load.py's `load_gguf` joins them:
 
     model = Transformer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
