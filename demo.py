@@ -3,17 +3,25 @@
     generate data -> train tokenizer -> pretrain -> SFT -> segmentation -> eval (VQA + seg)
 
 then a results table (closed accuracy beside chance, open BERTScore F1, gIoU, cIoU, wall time per
-stage, device) and example predictions with mask overlays, all under --out (default runs/demo).
-Picks CUDA when present; otherwise the sizes are tuned for a 2-core CPU (about 10 minutes).
+stage, device) and example predictions with mask overlays, all under --out-dir (default
+runs/demo). Picks CUDA when present; otherwise the sizes are tuned for a 2-core CPU (about 10
+minutes).
 
-    python demo.py                 # the full run
-    python demo.py --quick         # a seconds-long smoke run of every stage (used by the tests)
+    python demo.py                          # the full run
+    python demo.py --quick                  # a seconds-long smoke run of every stage (the tests)
+    python demo.py --seed 1 --mask-loss-from seg --image-attention causal   # another recipe
+
+Every choice of the recipe is a flag (the Recipe fields below), passed to the stages that use it,
+so a sweep over recipes is one command (see "What matters at small scale" in the README):
+
+    python ablate.py --out runs/abl --seeds 0,1 --vary seg-head=sam,dot -- python demo.py
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,29 +30,105 @@ import eval as evaluate_script
 import train_pretrain
 import train_seg
 import train_sft
+from minivlm.cli import add_config_args, config_from_args, set_config_defaults
 from minivlm.data.shapes import ShapesConfig, generate
 from minivlm.errors import run_cli
+from minivlm.files import write_json_atomic
+from minivlm.ranges import above, at_least
+from minivlm.train.stage import parse_args as parse_stage_args
 from minivlm.train_tokenizer import main as train_tokenizer
 
-# Sizes of each stage: the full recipe for a 2-core CPU, and a smoke-test one. The model's sizes
-# are presets (minivlm/models/presets.py), so a training script can rebuild them by name.
-RECIPES = {
-    "full": dict(vocab=640, pretrain_steps=300, sft_steps=1400, seg_steps=300, batch=32,
-                 eval_items=400, seg_items=200, model_preset="demo"),
-    "quick": dict(vocab=360, pretrain_steps=2, sft_steps=2, seg_steps=2, batch=4,
-                  eval_items=8, seg_items=3, model_preset="demo-quick"),
-}
+
+@dataclass
+class Recipe:
+    """What the demo trains, on what, for how long. The model's sizes are a preset
+    (minivlm/models/presets.py), so every training script can rebuild them by name."""
+
+    # data: distinct scenes, so held-out scenes look like the training ones
+    train_images: int = field(default=3000, metadata=at_least(1))  # captioned and questioned
+    seg_scenes: int = field(default=1500, metadata=at_least(1))  # with referring masks
+    vocab: int = field(default=640, metadata=at_least(300))
+    model_preset: str = "demo"
+    batch_size: int = field(default=32, metadata=at_least(1))
+    pretrain_steps: int = field(default=300, metadata=at_least(1))
+    sft_steps: int = field(default=1400, metadata=at_least(1))
+    seg_steps: int = field(default=300, metadata=at_least(1))
+    pretrain_lr: float = field(default=1e-3, metadata=above(0))
+    sft_lr: float = field(default=1e-3, metadata=above(0))
+    seg_lr: float = field(default=1e-3, metadata=above(0))
+    # "sft": the seg head joins in the SFT stage and masks train with the questions from there
+    # on (--sft-rates mixes them); "seg": only the last stage learns masks (LISA's order)
+    mask_loss_from: str = "seg"
+    sft_rates: str = "0,1,0"  # ReasonSeg : questions : captions in SFT
+    seg_rates: str = "3,1"  # ReasonSeg : questions in the seg stage
+    seg_lora_r: int = field(default=8, metadata=at_least(0))  # 0 = the seg stage trains fully
+    # model options (minivlm/models/): how the LM sees image tokens, which head makes masks
+    image_attention: str = "causal"  # causal | bidirectional (within one image)
+    image_positions: str = "none"  # none | 2d (learned row and column embeddings)
+    seg_head: str = "sam"  # sam (LISA's SAM-style decoder) | dot (a dot-product baseline)
+    seg_prompt: str = "predicting"  # predicting (LISA) | seg_token
+    eval_items: int = field(default=400, metadata=at_least(1))  # held-out questions
+    seg_items: int = field(default=200, metadata=at_least(1))  # held-out referring masks
+
+    def __post_init__(self):
+        if self.mask_loss_from not in ("sft", "seg"):
+            raise ValueError(f"--mask-loss-from {self.mask_loss_from!r}: expected sft or seg")
+
+
+# demo.py --quick: every stage in seconds, on the tiny "demo-quick" model.
+QUICK = dict(train_images=16, seg_scenes=6, vocab=360, model_preset="demo-quick", batch_size=4,
+             pretrain_steps=2, sft_steps=2, seg_steps=2, eval_items=8, seg_items=3)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", "--out", dest="out_dir", default="runs/demo")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--seed", type=int, default=0)
+    add_config_args(parser, Recipe)
+    args = parser.parse_args(argv)
+    if args.quick:  # the quick sizes become the defaults; a flag given explicitly still wins
+        set_config_defaults(parser, "", QUICK)
+        args = parser.parse_args(argv)
+    return args, config_from_args(args, Recipe)
+
+
+def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, list[str]]:
+    """Each training stage's command line. Model options go to the stage that builds the part
+    they shape: image options to pretrain (the fresh model), seg options where the head joins."""
+    # A rerun into the same --out-dir starts every stage over (the stages refuse this without it).
+    common = ["--batch-size", str(r.batch_size), "--seed", str(seed), "--keep", "1",
+              "--log-every", "50", "--overwrite"]
+    seg_options = ["--seg-head", r.seg_head, "--seg-prompt", r.seg_prompt,
+                   "--model-preset", r.model_preset]
+    joint = r.mask_loss_from == "sft"
+    sft_data = [f"{data}/reasonseg/train", f"{data}/sft.json", f"{data}/pretrain.json"]
+    return {
+        "pretrain": [
+            "--data", f"{data}/pretrain.json", "--tokenizer", str(runs / "tokenizer"),
+            "--out-dir", str(runs / "pretrain"), "--max-steps", str(r.pretrain_steps),
+            "--lr", str(r.pretrain_lr), "--model-preset", r.model_preset,
+            "--image-attention", r.image_attention, "--image-positions", r.image_positions,
+            *common],
+        "sft": [
+            "--init-from", str(runs / "pretrain"), "--out-dir", str(runs / "sft"),
+            "--max-steps", str(r.sft_steps), "--lr", str(r.sft_lr), *common,
+            *(["--data", ",".join(sft_data), "--sample-rates", r.sft_rates, "--seg-enabled",
+               *seg_options] if joint else ["--data", f"{data}/sft.json"])],
+        # The seg stage adds the segmentation head (unless SFT did), sized by the preset.
+        "seg": [
+            "--init-from", str(runs / "sft"),
+            "--data", f"{data}/reasonseg/train,{data}/sft.json",
+            "--sample-rates", r.seg_rates, "--out-dir", str(runs / "seg"),
+            "--max-steps", str(r.seg_steps), "--lr", str(r.seg_lr),
+            "--lora-r", str(r.seg_lora_r), *seg_options, *common],
+    }
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    recipe = RECIPES["quick" if args.quick else "full"]
-    out = Path(args.out)
+    args, recipe = parse_args(argv)
+    out = Path(args.out_dir)
     data, runs = out / "data", out / "runs"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"minivlm demo: device={device}, torch threads={torch.get_num_threads()}, out={out}")
@@ -58,40 +142,35 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {times[name]:.0f} s ===", flush=True)
         return result
 
-    shapes = ShapesConfig.quick() if args.quick else ShapesConfig()
+    base = ShapesConfig.quick() if args.quick else ShapesConfig()
+    shapes = ShapesConfig(**{**asdict(base), "num_train_images": recipe.train_images,
+                             "num_seg_train": recipe.seg_scenes})
     stage("data", generate, data, args.seed, shapes)
     stage("tokenizer", train_tokenizer, [
-        "--data", f"{data}/pretrain.json,{data}/sft.json", "--vocab-size", str(recipe["vocab"]),
+        "--data", f"{data}/pretrain.json,{data}/sft.json", "--vocab-size", str(recipe.vocab),
         "--out", str(runs / "tokenizer")])
-    # A rerun into the same --out starts every stage over (the stages refuse this without it).
-    common = ["--batch-size", str(recipe["batch"]), "--seed", str(args.seed), "--keep", "1",
-              "--log-every", "50", "--overwrite"]
-    stage("pretrain", train_pretrain.main, [
-        "--data", f"{data}/pretrain.json", "--tokenizer", str(runs / "tokenizer"),
-        "--out-dir", str(runs / "pretrain"), "--max-steps", str(recipe["pretrain_steps"]),
-        "--model-preset", recipe["model_preset"], *common])
-    stage("sft", train_sft.main, [
-        "--init-from", str(runs / "pretrain"), "--data", f"{data}/sft.json",
-        "--out-dir", str(runs / "sft"), "--max-steps", str(recipe["sft_steps"]), *common])
-    # The seg stage adds the segmentation head, sized by the same preset (its --seg-* defaults).
-    stage("seg", train_seg.main, [
-        "--init-from", str(runs / "sft"),
-        "--data", f"{data}/reasonseg/train,{data}/sft.json",
-        "--sample-rates", "3,1", "--out-dir", str(runs / "seg"),
-        "--max-steps", str(recipe["seg_steps"]), "--model-preset", recipe["model_preset"],
-        *common])
+    commands = stage_commands(recipe, data, runs, args.seed)
+    for name, script in (("pretrain", train_pretrain), ("sft", train_sft), ("seg", train_seg)):
+        parse_stage_args(script.__doc__, commands[name])  # a bad recipe stops here, not at stage 3
+    trained = {name: stage(name, script.main, commands[name]) for name, script in
+               (("pretrain", train_pretrain), ("sft", train_sft), ("seg", train_seg))}
     vqa = stage("eval_vqa", evaluate_script.main, [
         "--vqa-json-path", f"{data}/eval.json", "--model-path", str(runs / "seg"),
-        "--output-path", str(out / "eval_vqa.json"), "--limit", str(recipe["eval_items"]),
+        "--output-path", str(out / "eval_vqa.json"), "--limit", str(recipe.eval_items),
         "--max-new-tokens", "48", "--batch-size", "50"])
     seg = stage("eval_seg", evaluate_script.main, [
         "--seg-dir", f"{data}/reasonseg/test", "--model-path", str(runs / "seg"),
-        "--output-path", str(out / "eval_seg.json"), "--limit", str(recipe["seg_items"]),
+        "--output-path", str(out / "eval_seg.json"), "--limit", str(recipe.seg_items),
         "--save-examples", "8", "--examples-dir", str(out / "examples"), "--batch-size", "50"])
     meta = json.loads((data / "meta.json").read_text())
     results = dict(device=device, seconds=times, vqa=vqa, seg=seg,
-                   chance=meta["question_types"]["eval"])
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+                   chance=meta["question_types"]["eval"], total_seconds=sum(times.values()),
+                   train={name: dict(loss=r.get("train", {}).get("loss"),
+                                     mask_dice=r.get("train", {}).get("mask_dice"),
+                                     tokens_per_s=r.get("tokens_per_s"))
+                          for name, r in trained.items()})
+    write_json_atomic(out / "recipe.json", dict(asdict(recipe), seed=args.seed))
+    write_json_atomic(out / "results.json", results)
     print_table(results, out)
     return results
 
@@ -120,7 +199,7 @@ def print_table(results: dict, out: Path) -> None:
     lines.append("-" * 60)
     for name, seconds in results["seconds"].items():
         lines.append(f"{name + ' (s)':34s}{seconds:7.0f}")
-    lines.append(f"{'total (s)':34s}{sum(results['seconds'].values()):7.0f}")
+    lines.append(f"{'total (s)':34s}{results['total_seconds']:7.0f}")
     text = "\n".join(lines)
     print(text)
     (out / "results.txt").write_text(text + "\n")

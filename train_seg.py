@@ -13,12 +13,12 @@ while it learns masks). Usage:
         --sample-rates ...
 """
 
-from minivlm.data.mixture import MixtureDataset
 from minivlm.data.readers import read_dataset
 from minivlm.errors import run_cli
 from minivlm.eval.segmentation import seg_metrics
 from minivlm.train.distributed import cleanup
-from minivlm.train.stage import load_training_data, parse_args, prepare_model, start
+from minivlm.train.stage import (load_training_data, parse_args, prepare_model, start,
+                                 training_set)
 from minivlm.train.trainable import SEG_LORA_EXTRAS
 from minivlm.train.trainer import Trainer
 
@@ -31,14 +31,8 @@ def main(argv=None) -> dict:
                                                  with_seg=True)
     datasets = load_training_data(args.train_config.data, args, model, tokenizer, env,
                                   expand_texts=True)
-    rates = [float(r) for r in args.sample_rates.split(",")] if args.sample_rates \
-        else [1.0] * len(datasets)
+    train_set = training_set(datasets, args, env, always_mix=True)
     c = args.train_config
-    train_set = MixtureDataset(datasets, rates, length=max(sum(map(len, datasets)),
-                                                           c.max_steps * c.batch_size),
-                               seed=c.seed)
-    if env.is_main and (note := train_set.repeat_note(c.batch_size)):
-        print(note)
     validate = None
     if c.val_data:
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]

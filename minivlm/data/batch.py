@@ -93,6 +93,10 @@ class ChatDataset(Dataset):
     def lengths(self) -> list[int]:
         return [len(e.input_ids) for e in self.encoded]
 
+    def sources(self) -> list[str]:
+        """Each example's record ("file:index"), for messages about an example."""
+        return [e.source for e in self.encoded]
+
     def __getitem__(self, index: int) -> dict:
         ex = self.encoded[index]
         pixels = [im if isinstance(im, torch.Tensor) else self._load(im, ex.source)
@@ -134,20 +138,26 @@ def collate(batch: list[dict], pad_id: int, left_pad: bool = False) -> dict:
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    tiles, seg_tile_index, masks, tile_count = [], [], [], 0
+    tiles, masks = [], []
     for b, item in enumerate(batch):
         n = len(item["input_ids"])
         span = slice(longest - n, longest) if left_pad else slice(0, n)
         input_ids[b, span] = torch.tensor(item["input_ids"])
         labels[b, span] = torch.tensor(item["labels"])
         attention_mask[b, span] = 1
-        first_image_tiles = item["pixel_values"][0].shape[0] if item["pixel_values"] else 0
-        seg_tile_index.append(tile_count + max(first_image_tiles - 1, 0))
-        for pixels in item["pixel_values"]:
-            tiles.append(pixels)
-            tile_count += pixels.shape[0]
+        tiles += item["pixel_values"]
         masks += item["masks"]
     pixel_values = torch.cat(tiles) if tiles else None  # (N_tiles, 3, S, S)
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                pixel_values=pixel_values, masks=masks,
-                seg_tile_index=torch.tensor(seg_tile_index, dtype=torch.long))
+                pixel_values=pixel_values, masks=masks, seg_tile_index=seg_tile_index(batch))
+
+
+def seg_tile_index(samples: list[dict]) -> torch.Tensor:
+    """(N,) for N samples whose images are stacked in this order: the tile each sample's masks
+    are predicted on, its first image's last tile (the thumbnail when tiled)."""
+    index, tile_count = [], 0
+    for item in samples:
+        first_image_tiles = item["pixel_values"][0].shape[0] if item["pixel_values"] else 0
+        index.append(tile_count + max(first_image_tiles - 1, 0))
+        tile_count += sum(pixels.shape[0] for pixels in item["pixel_values"])
+    return torch.tensor(index, dtype=torch.long)

@@ -48,3 +48,7 @@ class MixtureDataset(Dataset):
     def lengths(self) -> list[int]:
         per_dataset = [d.lengths() for d in self.datasets]
         return [per_dataset[d][j] for d, j in self.index]
+
+    def sources(self) -> list[str]:
+        per_dataset = [d.sources() for d in self.datasets]
+        return [per_dataset[d][j] for d, j in self.index]

@@ -235,8 +235,10 @@ class LmmsModel(lmms):
             pixels = batch["pixel_values"]
             embeds, _ = self.model.embed(input_ids, None if pixels is None
                                          else pixels.to(self.device))
-            logits = self.model.lm(inputs_embeds=embeds,
-                                   attention_mask=batch["attention_mask"].to(self.device))
+            mask, positions = self.model.lm_mask(input_ids,
+                                                 batch["attention_mask"].to(self.device))
+            logits = self.model.lm(inputs_embeds=embeds, attention_mask=mask,
+                                   position_ids=positions)
             # The logits at t predict the token at t + 1 (as VLM.forward's loss reads them).
             logits = logits[:, :-1].float()  # (B, T-1, V)
             targets = batch["labels"][:, 1:].to(self.device)  # (B, T-1)

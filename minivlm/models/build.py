@@ -14,6 +14,8 @@ from dataclasses import replace
 
 from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig,
                                          build_mask_decoder, load_sam_mask_decoder)
+from minivlm.models.dot_mask_head import DotProductMaskHead
+from minivlm.models.image_positions import ImagePositions2D
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer
 from minivlm.models.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTower
@@ -70,9 +72,12 @@ def resolve_seg_config(config: SegConfig) -> SegConfig:
 
 
 def build_seg_head(config: SegConfig, lm_dim: int, vision: VisionTower,
-                   load_pretrained: bool = True) -> SegHead:
+                   load_pretrained: bool = True) -> SegHead | DotProductMaskHead:
     """LISA's head for a resolved `config`: SAM's decoder weights when `sam_checkpoint` names
-    them (and they are wanted), a random decoder otherwise."""
+    them (and they are wanted), a random decoder otherwise; or the dot-product baseline."""
+    if config.head == "dot":
+        return DotProductMaskHead(lm_dim=lm_dim, vision_dim=vision.config.width,
+                                  grid_size=vision.grid_size, dim=config.decoder_dim)
     decoder_config = MaskDecoderConfig(
         transformer_dim=config.decoder_dim, depth=config.decoder_depth,
         num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim,
@@ -101,8 +106,14 @@ def build_vlm_from_config(config: VLMConfig, lm: Transformer | None = None,
     if seg.enabled:
         seg = resolve_seg_config(seg)
         seg_head = build_seg_head(seg, lm.config.dim, vision, load_pretrained)
+    image_positions = None
+    if config.image_tokens.positions == "2d":
+        if config.projector.kind == "pixel_shuffle":  # the merged grid's side
+            grid //= merge
+        image_positions = ImagePositions2D(grid, lm.config.dim)
     config = replace(config, vision=vision.config, lm=lm.config, seg=seg)
-    return VLM(config, vision=vision, projector=projector, lm=lm, seg_head=seg_head)
+    return VLM(config, vision=vision, projector=projector, lm=lm, seg_head=seg_head,
+               image_positions=image_positions)
 
 
 def build_vlm(config: VLMConfig, tokenizer, lm: Transformer | None = None) -> VLM:

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
+from minivlm.models.attention_mask import positions_from_mask
+
 
 class KVCache:
     """Pre-allocated keys/values for every layer; `length` is how many positions are filled.
@@ -59,7 +61,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
 def decode_steps(model, input_ids=None, inputs_embeds=None, attention_mask=None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
-                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                 generator: torch.Generator | None = None,
+                 prompt_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Prefill the prompt once, then decode one token at a time from the KV cache, yielding each
     step's new tokens (B,) as soon as they are sampled: `generate` stacks them, the web demo
     shows each one as it comes. The only decoding loop in minivlm.
@@ -67,6 +70,8 @@ def decode_steps(model, input_ids=None, inputs_embeds=None, attention_mask=None,
     Batches are left-padded (attention_mask 0 on the left), so every row's next token is
     written at the same column. Rows that hit a stop token get `pad_token_id` afterwards; the
     loop ends when every row has stopped. temperature=0 is greedy.
+    `prompt_mask`: a ready (B, 1, T, T) mask for the prompt when it is not plain causal (image
+    tokens that see each other, attention_mask.py); each later token sees everything before it.
     """
     prompt = input_ids if input_ids is not None else inputs_embeds
     B, T = prompt.shape[:2]
@@ -80,8 +85,10 @@ def decode_steps(model, input_ids=None, inputs_embeds=None, attention_mask=None,
         raise ValueError(f"the prompt has {T} tokens: no room left in max_seq_len="
                          f"{model.config.max_seq_len} to generate")
     cache = KVCache(model.config, B, T + max_new_tokens, device, dtype)
-    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                   attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)
+    prompt_mask = attention_mask if prompt_mask is None else prompt_mask
+    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=prompt_mask,
+                   position_ids=positions_from_mask(attention_mask, 0, T, device),
+                   kv_cache=cache)[:, -1]  # (B, V)
     stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
@@ -100,10 +107,11 @@ def decode_steps(model, input_ids=None, inputs_embeds=None, attention_mask=None,
 def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, prompt_mask=None) -> torch.Tensor:
     """The new tokens (B, N) of `decode_steps` (same arguments): rows that hit a stop token are
     filled with `pad_token_id` afterwards; N is 0 when max_new_tokens is."""
     steps = list(decode_steps(model, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                              temperature, top_k, top_p, stop_token_ids, pad_token_id, generator))
+                              temperature, top_k, top_p, stop_token_ids, pad_token_id, generator,
+                              prompt_mask))
     prompt = input_ids if input_ids is not None else inputs_embeds
     return torch.stack(steps, dim=1) if steps else prompt.new_zeros(prompt.shape[0], 0).long()

@@ -30,6 +30,11 @@ class SegConfig:
     decoder_mlp_dim: int = field(default=128, metadata=at_least(1))
     iou_head_hidden_dim: int = field(default=64, metadata=at_least(1))
     sam_checkpoint: str = ""  # an original SAM .pth: its decoder is loaded, decoder_* become SAM's
+    # "sam": LISA's SAM-style decoder; "dot": a per-pixel dot product (dot_mask_head.py), a baseline
+    head: str = "sam"
+    # which hidden state prompts the head: "predicting" = the one that predicts [SEG] (LISA's
+    # seg_token_mask), "seg_token" = the output state at the [SEG] token itself
+    prompt: str = "predicting"
     # LISA's loss weights; 0 turns a term off
     ce_weight: float = field(default=1.0, metadata=at_least(0))
     bce_weight: float = field(default=2.0, metadata=at_least(0))
@@ -37,6 +42,10 @@ class SegConfig:
 
     def __post_init__(self):
         check_ranges(self)
+        for name, allowed in (("head", ("sam", "dot")), ("prompt", ("predicting", "seg_token"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--seg-{name} {getattr(self, name)!r}: expected one of "
+                                 f"{', '.join(allowed)}")
 
 
 class SegHead(nn.Module):

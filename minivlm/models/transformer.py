@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minivlm.models.attention_mask import build_attention_mask, positions_from_mask
 from minivlm.models.generation import KVCache, generate
 from minivlm.ranges import above, at_least, check_ranges
 from minivlm.weights.gguf import read_gguf_checkpoint
@@ -130,7 +131,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
         # No mask and several queries means plain causal attention from position 0: SDPA's fused
-        # causal kernel applies (build_attention_mask returns a mask in every other case).
+        # causal kernel applies (attention_mask.py builds a mask in every other case).
         is_causal = attn_mask is None and T > 1
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -165,28 +166,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
-                         device: torch.device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask, True = may attend: causal, and never onto padding keys.
-
-    Returns None when there is no padding and either nothing is cached (plain causal attention:
-    SDPA's fused kernel) or a single new token attends to everything before it.
-    """
-    no_padding = attention_mask is None or bool(attention_mask.all())
-    if no_padding and (past_len == 0 or query_len == 1):
-        return None
-    key_len = past_len + query_len
-    query_pos = torch.arange(past_len, key_len, device=device)
-    causal = query_pos[:, None] >= torch.arange(key_len, device=device)[None, :]  # (T, S)
-    mask = causal[None, None]  # (1, 1, T, S)
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :key_len].bool()  # (B, 1, T, S)
-        # A fully padded query row (left padding) would softmax over nothing -> NaN; let it see
-        # itself. Its output is never used.
-        mask = mask | (query_pos[:, None] == torch.arange(key_len, device=device)[None, :])
-    return mask
-
-
 class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -218,7 +197,9 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None,
                       position_ids=None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T, D), without the LM head: a training loss only needs
-        logits where there are labels, which saves most of the (T x vocab) head on a VLM."""
+        logits where there are labels, which saves most of the (T x vocab) head on a VLM.
+        `attention_mask`: a (B, S) padding mask (1 = real token), or a ready boolean
+        (B, 1, T, S) mask (True = may attend) with its `position_ids` (B, T)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Transformer.forward: pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -227,10 +208,15 @@ class Transformer(nn.Module):
         if past_len + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len="
                              f"{self.config.max_seq_len}")
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, past_len, T, x.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attn_mask = attention_mask  # ready (B, 1, T, S): packed samples (attention_mask.py)
+            if position_ids is None:
+                position_ids = positions_from_mask(None, past_len, T, x.device)
+        else:  # (B, S) padding mask, or None
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask, past_len, T, x.device)
+            attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
         cos, sin = self.rotary(position_ids, x.dtype)
-        attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, kv_cache, i)
         if kv_cache is not None:
@@ -240,10 +226,11 @@ class Transformer(nn.Module):
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, stop_token_ids=(), pad_token_id: int = 0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, prompt_mask=None) -> torch.Tensor:
         """New tokens (B, N) by KV-cache decoding, left-padded batches; see generation.py."""
         return generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                        temperature, top_k, top_p, stop_token_ids, pad_token_id, generator)
+                        temperature, top_k, top_p, stop_token_ids, pad_token_id, generator,
+                        prompt_mask)
 
     def resize_token_embeddings(self, new_vocab_size: int):
         """Grow (or shrink) the vocabulary; new rows start at the mean embedding, as HF suggests,
@@ -290,10 +277,3 @@ class Transformer(nn.Module):
         fields, state, _ = read_gguf_checkpoint(path)
         return cls.from_state_dict(TransformerConfig(**fields), state, dtype, str(path))
 
-
-def positions_from_mask(attention_mask, past_len: int, query_len: int, device) -> torch.Tensor:
-    """Position of each query token: counts only real tokens, so left padding doesn't shift RoPE."""
-    if attention_mask is None:
-        return torch.arange(past_len, past_len + query_len, device=device)[None]  # (1, T)
-    positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
-    return positions.clamp(min=0)[:, past_len:past_len + query_len]  # (B, T)

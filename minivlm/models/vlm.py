@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivlm.constants import IGNORE_INDEX
+from minivlm.models.attention_mask import ImageTokensConfig, lm_attention
 from minivlm.models.generation import decode_steps
+from minivlm.models.image_positions import ImagePositions2D
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig, VisionTower
@@ -97,6 +99,7 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    image_tokens: ImageTokensConfig = field(default_factory=ImageTokensConfig)
     image_token_id: int = -1  # set from the tokenizer
     seg_token_id: int = -1
 
@@ -109,6 +112,8 @@ class VLMConfig:
     def from_dict(cls, d: dict) -> "VLMConfig":
         return cls(lm=TransformerConfig(**d["lm"]), vision=VisionConfig(**d["vision"]),
                    projector=ProjectorConfig(**d["projector"]), seg=SegConfig(**d["seg"]),
+                   # absent from config.json files saved before the option existed
+                   image_tokens=ImageTokensConfig(**d.get("image_tokens", {})),
                    image_token_id=d["image_token_id"], seg_token_id=d["seg_token_id"])
 
 
@@ -126,7 +131,8 @@ class VLM(nn.Module):
     decoder; `config` describes them and is never written here."""
 
     def __init__(self, config: VLMConfig, *, vision: VisionTower, projector: nn.Module,
-                 lm: Transformer, seg_head: SegHead | None = None):
+                 lm: Transformer, seg_head: SegHead | None = None,
+                 image_positions: ImagePositions2D | None = None):
         super().__init__()
         self.config = config
         # Registration order is parameter order, which a saved optimizer state is indexed by.
@@ -134,6 +140,7 @@ class VLM(nn.Module):
         self.lm = lm
         self.projector = projector
         self.seg_head = seg_head
+        self.image_positions = image_positions  # --image-positions 2d
 
     @property
     def image_tokens_per_tile(self) -> int:
@@ -154,6 +161,8 @@ class VLM(nn.Module):
         else:
             patch_tokens = self.vision(pixel_values.to(embeds.dtype))  # (N, P, Dv)
         image_embeds = self.projector(patch_tokens)  # (N, P', D)
+        if self.image_positions is not None:
+            image_embeds = self.image_positions(image_embeds)
         image_rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # (N*P', D)
         if int(is_image.sum()) != image_rows.shape[0]:
             raise ValueError(f"{int(is_image.sum())} <image> token positions but the images give "
@@ -163,10 +172,21 @@ class VLM(nn.Module):
         embeds = embeds.masked_scatter(is_image[..., None], image_rows.to(embeds.dtype))
         return embeds, patch_tokens
 
+    def lm_mask(self, input_ids, attention_mask, document_ids=None):
+        """(mask, position_ids) the LM attends with (attention_mask.py): the padding mask itself
+        by default; a ready (B, 1, T, T) mask for packed rows (`document_ids`, data/packing.py)
+        or bidirectional image tokens."""
+        return lm_attention(input_ids, attention_mask, self.config.image_token_id,
+                            self.config.image_tokens.attention, document_ids)
+
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, masks=None,
-                seg_tile_index=None) -> VLMOutput:
+                seg_tile_index=None, document_ids=None) -> VLMOutput:
+        """`document_ids` (B, T): a packed batch's sample number (1..N over the batch) of each
+        token, 0 = padding; then `seg_tile_index` has one entry per sample, not per row."""
         embeds, patch_tokens = self.embed(input_ids, pixel_values)
-        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
+        mask, positions = self.lm_mask(input_ids, attention_mask, document_ids)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
+                                       position_ids=positions)
         # Next-token prediction: the hidden state at t predicts the label at t + 1. Only positions
         # with a label go through lm_head (images and prompts carry none).
         targets = labels[:, 1:]  # (B, T-1)
@@ -180,7 +200,8 @@ class VLM(nn.Module):
             rows, cols = self.seg_positions(input_ids)
             if len(rows) != len(masks):
                 raise ValueError(f"{len(rows)} [SEG] tokens but {len(masks)} masks")
-            predicted = self.seg_head(hidden[rows, cols], patch_tokens[seg_tile_index[rows]],
+            samples = rows if document_ids is None else document_ids[rows, cols] - 1
+            predicted = self.seg_head(hidden[rows, cols], patch_tokens[seg_tile_index[samples]],
                                       [m.shape for m in masks])
             bce, dice = self.seg_head.loss(predicted, masks)
             c = self.config.seg
@@ -189,9 +210,13 @@ class VLM(nn.Module):
         return out
 
     def seg_positions(self, input_ids: torch.Tensor):
-        """(batch, position) of the hidden state that *predicts* each [SEG] token, as LISA does
-        (its seg_token_mask is input_ids[:, 1:] == [SEG]): at generation time that is exactly the
-        state in hand when the model decides to emit [SEG]."""
+        """(batch, position) of the hidden state that prompts the mask of each [SEG] token. By
+        default the state that *predicts* [SEG], as LISA does (its seg_token_mask is
+        input_ids[:, 1:] == [SEG]): at generation time that is exactly the state in hand when the
+        model decides to emit [SEG]. With `seg.prompt == "seg_token"`, the [SEG] token's own
+        output state: one more token of context, read back once [SEG] has been generated."""
+        if self.config.seg.prompt == "seg_token":
+            return (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
         is_seg = input_ids[:, 1:] == self.config.seg_token_id  # (B, T-1)
         return is_seg.nonzero(as_tuple=True)
 
@@ -199,15 +224,17 @@ class VLM(nn.Module):
     def generate(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
         """Prefill text + image embeddings through `inputs_embeds`, then KV-cache decoding."""
         embeds, _ = self.embed(input_ids, pixel_values)
+        prompt_mask, _ = self.lm_mask(input_ids, attention_mask)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                **generate_kwargs)
+                                prompt_mask=prompt_mask, **generate_kwargs)
 
     @torch.no_grad()
     def generate_steps(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
         """As `generate`, but yields each step's new tokens (B,) as they come (streaming)."""
         embeds, _ = self.embed(input_ids, pixel_values)
+        prompt_mask, _ = self.lm_mask(input_ids, attention_mask)
         yield from decode_steps(self.lm, inputs_embeds=embeds, attention_mask=attention_mask,
-                                **generate_kwargs)
+                                prompt_mask=prompt_mask, **generate_kwargs)
 
     @torch.no_grad()
     def predict_masks(self, input_ids, attention_mask, pixel_values, seg_tile_index,
@@ -217,7 +244,9 @@ class VLM(nn.Module):
         if self.seg_head is None:
             raise ValueError("this model has no segmentation head (seg.enabled is false)")
         embeds, patch_tokens = self.embed(input_ids, pixel_values)
-        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
+        mask, positions = self.lm_mask(input_ids, attention_mask)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
+                                       position_ids=positions)
         rows, cols = self.seg_positions(input_ids)
         if len(rows) == 0:
             return []

@@ -22,13 +22,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from minivlm.errors import CheckpointError
 from minivlm.files import write_text_atomic
 from minivlm.train.distributed import DistributedEnv, barrier
+from minivlm.train.fsdp import (full_state_dict, is_fsdp, load_fsdp_optimizer_state,
+                                load_fsdp_weights, local_optimizer_state)
 from minivlm.weights.checkpoint import (LATEST, RUN_CONFIG_FILE, TOKENIZER_DIR, TRAINER_STATE_FILE,
-                                         WEIGHTS_FILE)
+                                         WEIGHTS_FILE, load_weights)
 
 HIDDEN = (".tmp_", ".old_")  # a save being written / a step directory being replaced
 
@@ -60,16 +62,24 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model, config: dict, toke
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier(env)
-    # ZeRO-1: every rank owns a different shard of the optimizer state, so every rank writes.
+    fsdp = is_fsdp(model)
+    # FSDP: the whole weights are gathered (a collective, on every rank) for rank 0 to write.
+    weights = full_state_dict(model) if fsdp else None
+    # ZeRO-1 and FSDP: every rank owns a different shard of the optimizer state, so every rank
+    # writes.
     if sharded_optimizer or env.is_main:
-        torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{env.rank}.pt")
+        torch.save(local_optimizer_state(optimizer) if fsdp else optimizer.state_dict(),
+                   tmp / f"optimizer_rank{env.rank}.pt")
     torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
     if env.is_main:
-        save_model(model, str(tmp / WEIGHTS_FILE))  # drops tied duplicates itself
+        if fsdp:
+            save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            save_model(model, str(tmp / WEIGHTS_FILE))  # drops tied duplicates itself
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2))
         tokenizer.save(tmp / TOKENIZER_DIR)
         state = dict(trainer_state, step=step, world_size=env.world_size,
-                     sharded_optimizer=sharded_optimizer)
+                     sharded_optimizer=sharded_optimizer, fsdp=fsdp)
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
     barrier(env)  # every shard is on disk before the directory becomes visible
     if env.is_main:
@@ -145,11 +155,15 @@ def read_trainer_state(ckpt_dir: Path) -> dict:
                               "the file is truncated or damaged") from None
 
 
-def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, zero1: bool) -> tuple[dict, bool]:
-    """(state dict, is_this_ranks_shard). A ZeRO-1 run on the same world size takes its own shard;
-    anything else needs a full state dict (a plain optimizer's, or consolidated shards)."""
+def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, zero1: bool,
+                         fsdp: bool = False) -> tuple[dict, bool]:
+    """(state dict, is_this_ranks_shard). A ZeRO-1 or FSDP run on the same world size, sharded the
+    same way, takes its own shard; anything else needs a full state dict (a plain optimizer's, or
+    consolidated shards)."""
     state = read_trainer_state(ckpt_dir)
-    if state["sharded_optimizer"] and zero1 and state["world_size"] == env.world_size:
+    saved = "--fsdp" if state.get("fsdp") else "--zero1" if state["sharded_optimizer"] else ""
+    requested = "--fsdp" if fsdp else "--zero1" if zero1 else ""
+    if state["sharded_optimizer"] and saved == requested and state["world_size"] == env.world_size:
         path = ckpt_dir / f"optimizer_rank{env.rank}.pt"
         if not path.is_file():
             raise ValueError(f"{ckpt_dir}: optimizer shard {path.name} is missing; the checkpoint "
@@ -160,11 +174,28 @@ def load_optimizer_state(ckpt_dir: Path, env: DistributedEnv, zero1: bool) -> tu
         path = ckpt_dir / "optimizer_rank0.pt"
     if not path.is_file():
         raise ValueError(
-            f"{ckpt_dir}: optimizer sharded over {state['world_size']} ranks, this run has "
-            f"{env.world_size}{' with --zero1' if zero1 else ' without --zero1'}; run "
+            f"{ckpt_dir}: the optimizer state is sharded over {state['world_size']} ranks "
+            f"({saved}), this run has {env.world_size} ({requested or 'unsharded'}); run "
             f"`python -m minivlm.consolidate {ckpt_dir}` first to write a full optimizer state "
             "that any world size can resume from")
     return load_tensor_file(path), False
+
+
+def load_model_and_optimizer(ckpt_dir: Path, model, optimizer, env: DistributedEnv, *,
+                             zero1: bool, fsdp: bool) -> None:
+    """Weights and optimizer state into this run's layout (plain, ZeRO-1 or FSDP); a full
+    optimizer state is re-sharded for this world size."""
+    if fsdp:
+        load_fsdp_weights(model, ckpt_dir / WEIGHTS_FILE)
+    else:
+        load_weights(model, ckpt_dir / WEIGHTS_FILE)
+    state, is_shard = load_optimizer_state(ckpt_dir, env, zero1, fsdp)
+    if fsdp:
+        load_fsdp_optimizer_state(optimizer, state, is_shard)
+    elif zero1 and not is_shard:
+        optimizer.load_full_state_dict(state)
+    else:
+        optimizer.load_state_dict(state)
 
 
 def rng_state() -> dict:

@@ -2,8 +2,9 @@
 
 Flags come from the config dataclasses (cli.py): TrainConfig (no prefix), VisionConfig
 (--vision-*), ProjectorConfig (--projector-*), TransformerConfig (--lm-*), SegConfig (--seg-*),
-LoRAConfig (--lora-*). `--model-preset NAME` (models/presets.py) and `--lm-preset NAME`
-(transformer.PRESETS) change the size flags' defaults; a size flag given explicitly still wins.
+ImageTokensConfig (--image-*), LoRAConfig (--lora-*). `--model-preset NAME` (models/presets.py)
+and `--lm-preset NAME` (transformer.PRESETS) change the size flags' defaults; a size flag given
+explicitly still wins.
 A stage starts from one of:
   --init-from CKPT    the previous stage's checkpoint (weights + tokenizer; LoRA merged in)
   --lm-gguf FILE      a real language model from a GGUF file (its tokenizer too)
@@ -21,6 +22,7 @@ import torch
 from minivlm.cli import add_config_args, checked_values, config_from_args, set_config_defaults
 from minivlm.data.batch import ChatDataset
 from minivlm.data.images import ImageProcessor
+from minivlm.data.mixture import MixtureDataset
 from minivlm.data.readers import read_dataset
 from minivlm.data.reasonseg import expand_referring_texts
 from minivlm.data.skipped import skip_summary, skipped_record, write_skipped
@@ -28,6 +30,7 @@ from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.data.tokenizer import load_tokenizer
 from minivlm.load import load_gguf, load_vlm
 from minivlm.lora import apply_lora
+from minivlm.models.attention_mask import ImageTokensConfig
 from minivlm.models.build import attach_seg_head, build_vlm
 from minivlm.models.presets import LM_PRESETS, MODEL_PRESETS, preset_overrides
 from minivlm.models.seg_head import SegConfig
@@ -78,6 +81,7 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     add_config_args(parser, ProjectorConfig, "projector")
     add_config_args(parser, TransformerConfig, "lm")
     add_config_args(parser, SegConfig, "seg")
+    add_config_args(parser, ImageTokensConfig, "image")
     add_config_args(parser, LoRAConfig, "lora", defaults=lora_defaults)
     parser.add_argument("--train-extra", dest="lora_train_extra", default=argparse.SUPPRESS,
                         help="alias of --lora-train-extra")
@@ -98,8 +102,10 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     # The model's flags become configs only in prepare_model (and never with --init-from):
     # check their ranges now, so a bad value stops the script before anything is loaded.
     for config_class, prefix in ((VisionConfig, "vision"), (ProjectorConfig, "projector"),
-                                 (TransformerConfig, "lm"), (SegConfig, "seg")):
+                                 (TransformerConfig, "lm"), (SegConfig, "seg"),
+                                 (ImageTokensConfig, "image")):
         checked_values(args, config_class, prefix)
+    config_from_args(args, ImageTokensConfig, "image")  # a string choice: checked by building it
     if args.val_limit < 1:  # a plain flag, not a config field: its range is checked here
         raise ValueError(f"--val-limit must be >= 1, got {args.val_limit}")
     return args
@@ -139,7 +145,8 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
             pretrained_parts.add("vision")
         config = VLMConfig(lm=config_from_args(args, TransformerConfig, "lm"), vision=vision,
                            projector=config_from_args(args, ProjectorConfig, "projector"),
-                           seg=seg_config)
+                           seg=seg_config,
+                           image_tokens=config_from_args(args, ImageTokensConfig, "image"))
         model = build_vlm(config, tokenizer, lm=lm)
     lora = args.lora_config
     run_config = {"stage": stage, "model": model.config.to_dict(), "lora": None}
@@ -204,3 +211,19 @@ def start(args) -> DistributedEnv:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(args.train_config.seed)
     return env
+
+
+def training_set(datasets: list, args, env: DistributedEnv, always_mix: bool = False):
+    """The one dataset a stage trains on: a single --data file as it is (epochs in a shuffled
+    order), several drawn in the --sample-rates proportions (LISA's hybrid data; equal rates when
+    none are given). `always_mix`: draw even from a single file (train_seg.py, as LISA)."""
+    c = args.train_config
+    if len(datasets) == 1 and not args.sample_rates and not always_mix:
+        return datasets[0]
+    rates = ([float(r) for r in args.sample_rates.split(",")] if args.sample_rates
+             else [1.0] * len(datasets))
+    mixture = MixtureDataset(datasets, rates, seed=c.seed,
+                             length=max(sum(map(len, datasets)), c.max_steps * c.batch_size))
+    if env.is_main and (note := mixture.repeat_note(c.batch_size)):
+        print(note)
+    return mixture

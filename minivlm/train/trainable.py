@@ -68,6 +68,8 @@ def set_trainable(model: VLM, train: str = "auto", *, stage_parts: Iterable[str]
     for part in parts:
         if modules[part] is not None and not (part == "lm" and adapted):
             modules[part].requires_grad_(True)
+    if "projector" in parts and model.image_positions is not None:  # the image tokens' input
+        model.image_positions.requires_grad_(True)
     return {part for part in parts if modules[part] is not None}
 
 

@@ -19,19 +19,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minivlm.data.batch import collate
+from minivlm.data.packing import PackedRows, collate_packed
 from minivlm.data.images import MAX_IMAGE_PIXELS
+from minivlm.models.vlm import VLMConfig
 from minivlm.ranges import above, at_least, check_ranges
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
 from minivlm.train.batch_plan import BatchPlan
-from minivlm.train.checkpoint import (check_out_dir, config_differences, load_optimizer_state,
+from minivlm.train.checkpoint import (check_out_dir, config_differences, load_model_and_optimizer,
                                       read_trainer_state, restore_rng, save_checkpoint)
 from minivlm.train.distributed import (DistributedEnv, all_reduce_mean, barrier, no_sync_if,
                                        wrap_ddp)
+from minivlm.train.fsdp import check_fsdp_flags, shard_model, unsharded
 from minivlm.train.resume_report import resume_changes
+from minivlm.train.results import write_results
 from minivlm.train.schedule import cosine_warmup_lr
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
-from minivlm.weights.checkpoint import (WEIGHTS_FILE, load_weights, read_config,
-                                         resolve_checkpoint)
+from minivlm.weights.checkpoint import read_config, resolve_checkpoint
 
 
 @dataclass
@@ -62,9 +65,11 @@ class TrainConfig:
     keep: int = field(default=2, metadata=at_least(0))  # step directories to keep (0 = all)
     ddp: bool = False
     zero1: bool = False
+    fsdp: bool = False  # with --ddp: shard parameters, gradients and AdamW state (fsdp.py)
     grad_checkpoint: bool = False
     compile: bool = False
     group_by_length: bool = False
+    pack: bool = False  # several examples per row, up to max_seq_len (data/packing.py)
     skip_bad: bool = False
     num_workers: int = field(default=0, metadata=at_least(0))
     preload_images: bool = True  # decode every image once up front (also validates them)
@@ -74,6 +79,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_ranges(self)
+        check_fsdp_flags(self)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -100,6 +106,8 @@ class Trainer:
         # validate(model) -> {metric: value}, run on rank 0 every eval_every steps and at the end
         self.validate = validate
         self.dtype = resolve_dtype(config.dtype, env.device)
+        if config.fsdp:  # before the optimizer: the parameters become DTensor shards
+            shard_model(self.model, env, self.dtype)
         groups = param_groups(self.model, config.weight_decay)
         adamw = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
         self.optimizer = (ZeRO1(groups, torch.optim.AdamW, **adamw) if config.zero1
@@ -114,12 +122,14 @@ class Trainer:
         self.train_model = self.model
         if config.compile:
             self.train_model = torch.compile(self.train_model)
-        if env.distributed:
+        if env.distributed and not config.fsdp:
             # Unused parameters exist by design (e.g. the mask decoder on a batch without [SEG]).
             self.train_model = wrap_ddp(self.train_model, env, find_unused_parameters=True)
         self.train_set = train_set
         self.plan = BatchPlan(train_set.lengths(), config.batch_size, env, config.seed,
-                              config.group_by_length)
+                              config.group_by_length,
+                              pack_len=model.config.lm.max_seq_len if config.pack else 0,
+                              names=train_set.sources() if config.pack else None)
         self.step = 0
         self.out_dir = Path(config.out_dir)
         check_out_dir(self.out_dir, config.resume, config.overwrite)
@@ -129,16 +139,14 @@ class Trainer:
     def _resume(self) -> None:
         ckpt = resolve_checkpoint(self.out_dir)
         saved = read_config(ckpt)
-        differences = config_differences(saved["model"], self.run_config["model"])
+        # Through VLMConfig: a field newer than the checkpoint compares at its default.
+        differences = config_differences(VLMConfig.from_dict(saved["model"]).to_dict(),
+                                         self.run_config["model"])
         if differences:
             raise ValueError(f"{ckpt}: cannot resume, the model config differs: "
                              + "; ".join(differences[:5]))
-        load_weights(self.model, ckpt / WEIGHTS_FILE)
-        optimizer_state, is_shard = load_optimizer_state(ckpt, self.env, self.config.zero1)
-        if self.config.zero1 and not is_shard:
-            self.optimizer.load_full_state_dict(optimizer_state)  # re-shard for this world size
-        else:
-            self.optimizer.load_state_dict(optimizer_state)
+        load_model_and_optimizer(ckpt, self.model, self.optimizer, self.env,
+                                 zero1=self.config.zero1, fsdp=self.config.fsdp)
         state = read_trainer_state(ckpt)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -151,8 +159,10 @@ class Trainer:
     def _loader(self):
         pad_id = self.tokenizer.pad_id
         batches = self.plan.from_micro_step(self.step * self.config.grad_accum)
-        return iter(DataLoader(self.train_set, batch_sampler=batches,
-                               collate_fn=functools.partial(collate, pad_id=pad_id),
+        dataset, collate_fn = ((PackedRows(self.train_set), collate_packed) if self.config.pack
+                               else (self.train_set, collate))
+        return iter(DataLoader(dataset, batch_sampler=batches,
+                               collate_fn=functools.partial(collate_fn, pad_id=pad_id),
                                # its own generator: creating the iterator must not draw from the
                                # global RNG, or a resumed run's dropout masks would differ
                                generator=torch.Generator().manual_seed(self.config.seed),
@@ -170,7 +180,7 @@ class Trainer:
             self.out_dir, self.step, model=self.model, config=self.run_config,
             tokenizer=self.tokenizer, trainer_state={"scaler": self.scaler.state_dict()},
             optimizer=self.optimizer, env=self.env, keep=self.config.keep,
-            sharded_optimizer=self.config.zero1)
+            sharded_optimizer=self.config.zero1 or self.config.fsdp)
 
     def fit(self) -> dict:
         """Train to max_steps; returns the last logged scalars and validation metrics."""
@@ -186,11 +196,13 @@ class Trainer:
         progress = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_bar,
                         desc=self.out_dir.name, dynamic_ncols=True)
         self.started, self.start_step = time.time(), self.step
+        totals = dict(tokens=0, images=0, seconds=0.0)  # optimizer steps only, for results.json
         window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
                       t0=time.time())
         results: dict = {}
         self.model.train()
         while self.step < c.max_steps:
+            step_started = time.time()
             lr = cosine_warmup_lr(self.step, max_lr=c.lr, warmup_steps=c.warmup_steps,
                                   total_steps=c.max_steps, min_lr=c.min_lr)
             for group in self.optimizer.param_groups:
@@ -216,11 +228,14 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            totals["seconds"] += time.time() - step_started
             self.step += 1
             window["n"] += 1
             progress.update(1)
             if self.step % c.log_every == 0 or self.step == c.max_steps:
                 results.update(self._log(window, lr, float(grad_norm), writer, progress))
+                totals["tokens"] += window["tokens"]
+                totals["images"] += window["images"]
                 window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
                               t0=time.time())
             last = self.step == c.max_steps
@@ -232,6 +247,9 @@ class Trainer:
         progress.close()
         if writer is not None:
             writer.close()
+        if env.is_main:  # last of the run's files: a directory holding results.json is finished
+            write_results(self.out_dir, self.run_config["stage"], self.step, results, totals,
+                          time.time() - self.started, env.world_size)
         return results
 
     def _log(self, window, lr, grad_norm, writer, progress) -> dict:
@@ -268,13 +286,14 @@ class Trainer:
 
     def _validate(self, writer) -> dict:
         metrics = {}
-        if self.env.is_main:
-            self.model.eval()
-            metrics = {f"val/{k}": v for k, v in self.validate(self.model).items()}
-            self.model.train()
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, self.step)
-            tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.3f}"
-                                                          for k, v in metrics.items()))
-        barrier(self.env)
+        with unsharded(self.model):  # FSDP: rank 0 alone runs the model, so gather it first
+            if self.env.is_main:
+                self.model.eval()
+                metrics = {f"val/{k}": v for k, v in self.validate(self.model).items()}
+                self.model.train()
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value, self.step)
+                tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.3f}"
+                                                              for k, v in metrics.items()))
+            barrier(self.env)
         return metrics
