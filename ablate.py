@@ -11,6 +11,8 @@ this directory, each run's stdout and stderr going to DIR/<variant>/seed<S>/log.
 names, the grid and the statistics are minivlm/sweep.py's (`baseline`, `lr=3e-3`,
 `lr=3e-3,lm-num-layers=4`; mean ± sample std over seeds). A value `true` / `false` turns a switch
 on / off (`--compile` / `--no-compile`, or no flag when the command has no `--no-` form).
+`--one-at-a-time` runs, instead of the grid, the baseline and each other value of each flag alone:
+an ablation table with one change per row (README, "What matters at small scale").
 
 Every training script writes DIR/<variant>/seed<S>/results.json when it finishes
 (minivlm/train/results.py); a run directory that holds one is done, so running the same sweep
@@ -39,8 +41,8 @@ from pathlib import Path
 from minivlm.errors import run_cli
 from minivlm.files import write_json_atomic, write_text_atomic
 from minivlm.sweep import markdown_table, parse_vary, summarize, variant_args, variant_grid
+from minivlm.train.results import RESULTS_FILE  # each run's, and the sweep's summary
 
-RESULTS_FILE = "results.json"  # what each run writes (train/results.py) and the sweep's summary
 RUN_FILE = "run.json"  # ablate's record of one run: its command, exit code, seconds, error line
 LOG_FILE = "log.txt"
 SWEEP_FILE = "sweep.json"
@@ -56,6 +58,13 @@ def parse_args(argv: list[str]):
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--vary", action="append", default=[], metavar="FLAG=V1,V2",
                         help="a flag and its values (repeat for a grid); the first is baseline")
+    parser.add_argument("--columns", default="", metavar="PATTERNS",
+                        help="results.md's metrics, comma-separated shell patterns "
+                             "(vqa.closed_accuracy,seconds.*); default all. Not part of the "
+                             "sweep: rerun with other columns to redraw the table")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="not a grid: the baseline, then each other value of each flag "
+                             "alone (one change per row)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (CPU threads split)")
     parser.add_argument("--force", action="store_true",
                         help="delete a different sweep found in --out and start this one")
@@ -86,7 +95,10 @@ def listed_flags(command: list[str]) -> set[str]:
     if done.returncode != 0:
         raise ValueError(f"{' '.join(command)} --help failed (exit code {done.returncode}): "
                          f"{last_line(done.stdout + done.stderr)}")
-    listed = set(re.findall(r"(?<![\w-])--([A-Za-z0-9][\w-]*)", done.stdout))
+    # Only argparse's option list: the description above it may mention flags of other scripts.
+    options = re.split(r"^(?:options|optional arguments):$", done.stdout, maxsplit=1,
+                       flags=re.M)[-1]
+    listed = set(re.findall(r"(?<![\w-])--([A-Za-z0-9][\w-]*)", options))
     missing = sorted(RESERVED - listed)
     if missing:
         raise ValueError(f"{' '.join(command)} does not accept --{missing[0]} (not in its --help)")
@@ -102,14 +114,17 @@ def check_sweep_dir(out: Path, definition: dict, force: bool) -> None:
         raise ValueError(f"{out} is not empty and holds no {SWEEP_FILE}: not a sweep "
                          "directory; choose a new or empty --out")
     old = read_json(out / SWEEP_FILE)
+    old = dict(old, one_at_a_time=old.get("one_at_a_time", False))  # absent: an older sweep
     if {k: old.get(k) for k in definition} == definition:
         return
     if not force:
-        changed = " and ".join({"command": "the command", "vary": "the --vary lists"}[k]
+        changed = " and ".join({"command": "the command", "vary": "the --vary lists",
+                                "one_at_a_time": "--one-at-a-time"}[k]
                                for k in definition if old.get(k) != definition[k])
         raise ValueError(f"{out} holds a different sweep ({changed} differ from "
                          f"{out / SWEEP_FILE}); choose another --out, or --force to delete it")
-    for variant in variant_grid([(flag, values) for flag, values in old.get("vary", [])]):
+    for variant in variant_grid([(flag, values) for flag, values in old.get("vary", [])],
+                                bool(old.get("one_at_a_time"))):
         shutil.rmtree(out / variant.name, ignore_errors=True)
     for name in (SWEEP_FILE, RESULTS_FILE, "results.md"):
         (out / name).unlink(missing_ok=True)
@@ -164,8 +179,9 @@ def write_summary(out: Path, args, variants, running=frozenset()) -> dict:
                "std": "sample standard deviation over seeds (n - 1); null with one seed",
                "failed_runs": sum(len(row["failed"]) for row in rows), "variants": rows}
     write_json_atomic(out / RESULTS_FILE, summary)
-    write_text_atomic(out / "results.md", markdown_table(rows, "Ablation: "
-                                                         + " ".join(args.command), args.seeds))
+    write_text_atomic(out / "results.md", markdown_table(
+        rows, "Ablation: " + " ".join(args.command), args.seeds,
+        [c for c in args.columns.split(",") if c] or None))
     return summary
 
 
@@ -177,8 +193,9 @@ def _clock(seconds: float) -> str:
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     out = Path(args.out)
-    variants = variant_grid(args.vary)
-    definition = {"command": args.command, "vary": [[f, v] for f, v in args.vary]}
+    variants = variant_grid(args.vary, args.one_at_a_time)
+    definition = {"command": args.command, "vary": [[f, v] for f, v in args.vary],
+                  "one_at_a_time": args.one_at_a_time}
     check_sweep_dir(out, definition, args.force)
     listed = listed_flags(args.command)
     for flag, values in args.vary:

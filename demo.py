@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ from minivlm.cli import add_config_args, config_from_args, set_config_defaults
 from minivlm.data.shapes import ShapesConfig, generate
 from minivlm.errors import run_cli
 from minivlm.files import write_json_atomic
-from minivlm.ranges import above, at_least
+from minivlm.ranges import above, at_least, check_ranges, one_of
+from minivlm.train.results import RESULTS_FILE
 from minivlm.train.stage import parse_args as parse_stage_args
 from minivlm.train_tokenizer import main as train_tokenizer
 
@@ -45,34 +46,38 @@ class Recipe:
     (minivlm/models/presets.py), so every training script can rebuild them by name."""
 
     # data: distinct scenes, so held-out scenes look like the training ones
-    train_images: int = field(default=3000, metadata=at_least(1))  # captioned and questioned
-    seg_scenes: int = field(default=1500, metadata=at_least(1))  # with referring masks
+    train_images: int = field(default=6000, metadata=at_least(1))  # captioned and questioned
+    seg_scenes: int = field(default=8000, metadata=at_least(1))  # with referring masks
     vocab: int = field(default=640, metadata=at_least(300))
     model_preset: str = "demo"
     batch_size: int = field(default=32, metadata=at_least(1))
-    pretrain_steps: int = field(default=300, metadata=at_least(1))
-    sft_steps: int = field(default=1400, metadata=at_least(1))
-    seg_steps: int = field(default=300, metadata=at_least(1))
+    pretrain_steps: int = field(default=200, metadata=at_least(1))
+    sft_steps: int = field(default=1200, metadata=at_least(1))
+    seg_steps: int = field(default=100, metadata=at_least(1))
     pretrain_lr: float = field(default=1e-3, metadata=above(0))
     sft_lr: float = field(default=1e-3, metadata=above(0))
     seg_lr: float = field(default=1e-3, metadata=above(0))
     # "sft": the seg head joins in the SFT stage and masks train with the questions from there
     # on (--sft-rates mixes them); "seg": only the last stage learns masks (LISA's order)
-    mask_loss_from: str = "seg"
-    sft_rates: str = "0,1,0"  # ReasonSeg : questions : captions in SFT
+    mask_loss_from: str = field(default="sft", metadata=one_of("sft", "seg"))
+    sft_rates: str = "2,3,1"  # ReasonSeg : questions : captions in SFT (with masks from SFT)
     seg_rates: str = "3,1"  # ReasonSeg : questions in the seg stage
     seg_lora_r: int = field(default=8, metadata=at_least(0))  # 0 = the seg stage trains fully
     # model options (minivlm/models/): how the LM sees image tokens, which head makes masks
-    image_attention: str = "causal"  # causal | bidirectional (within one image)
-    image_positions: str = "none"  # none | 2d (learned row and column embeddings)
-    seg_head: str = "sam"  # sam (LISA's SAM-style decoder) | dot (a dot-product baseline)
-    seg_prompt: str = "predicting"  # predicting (LISA) | seg_token
+    image_attention: str = field(default="bidirectional",  # within one image
+                                 metadata=one_of("causal", "bidirectional"))
+    # "2d": learned row and column embeddings for the image tokens
+    image_positions: str = field(default="2d", metadata=one_of("none", "2d"))
+    # LISA's SAM-style decoder, or a dot-product baseline
+    seg_head: str = field(default="sam", metadata=one_of("sam", "dot"))
+    seg_prompt: str = field(default="predicting", metadata=one_of("predicting", "seg_token"))
+    # SAM's dense prompt: none (LISA) or SimilarityPrompt; the dot head has none
+    seg_dense_prompt: str = field(default="similarity", metadata=one_of("none", "similarity"))
     eval_items: int = field(default=400, metadata=at_least(1))  # held-out questions
     seg_items: int = field(default=200, metadata=at_least(1))  # held-out referring masks
 
     def __post_init__(self):
-        if self.mask_loss_from not in ("sft", "seg"):
-            raise ValueError(f"--mask-loss-from {self.mask_loss_from!r}: expected sft or seg")
+        check_ranges(self)
 
 
 # demo.py --quick: every stage in seconds, on the tiny "demo-quick" model.
@@ -102,6 +107,8 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
               "--log-every", "50", "--overwrite"]
     seg_options = ["--seg-head", r.seg_head, "--seg-prompt", r.seg_prompt,
                    "--model-preset", r.model_preset]
+    if r.seg_head == "sam":
+        seg_options += ["--seg-dense-prompt", r.seg_dense_prompt]
     joint = r.mask_loss_from == "sft"
     sft_data = [f"{data}/reasonseg/train", f"{data}/sft.json", f"{data}/pretrain.json"]
     return {
@@ -142,18 +149,18 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {times[name]:.0f} s ===", flush=True)
         return result
 
+    commands = stage_commands(recipe, data, runs, args.seed)
+    stages = {"pretrain": train_pretrain, "sft": train_sft, "seg": train_seg}
+    for name, script in stages.items():  # a bad recipe stops here, before any stage runs
+        parse_stage_args(script.__doc__, commands[name])
     base = ShapesConfig.quick() if args.quick else ShapesConfig()
-    shapes = ShapesConfig(**{**asdict(base), "num_train_images": recipe.train_images,
-                             "num_seg_train": recipe.seg_scenes})
+    shapes = replace(base, num_train_images=recipe.train_images, num_seg_train=recipe.seg_scenes)
     stage("data", generate, data, args.seed, shapes)
     stage("tokenizer", train_tokenizer, [
         "--data", f"{data}/pretrain.json,{data}/sft.json", "--vocab-size", str(recipe.vocab),
         "--out", str(runs / "tokenizer")])
-    commands = stage_commands(recipe, data, runs, args.seed)
-    for name, script in (("pretrain", train_pretrain), ("sft", train_sft), ("seg", train_seg)):
-        parse_stage_args(script.__doc__, commands[name])  # a bad recipe stops here, not at stage 3
-    trained = {name: stage(name, script.main, commands[name]) for name, script in
-               (("pretrain", train_pretrain), ("sft", train_sft), ("seg", train_seg))}
+    for name, script in stages.items():
+        stage(name, script.main, commands[name])
     vqa = stage("eval_vqa", evaluate_script.main, [
         "--vqa-json-path", f"{data}/eval.json", "--model-path", str(runs / "seg"),
         "--output-path", str(out / "eval_vqa.json"), "--limit", str(recipe.eval_items),
@@ -165,14 +172,18 @@ def main(argv=None) -> dict:
     meta = json.loads((data / "meta.json").read_text())
     results = dict(device=device, seconds=times, vqa=vqa, seg=seg,
                    chance=meta["question_types"]["eval"], total_seconds=sum(times.values()),
-                   train={name: dict(loss=r.get("train", {}).get("loss"),
-                                     mask_dice=r.get("train", {}).get("mask_dice"),
-                                     tokens_per_s=r.get("tokens_per_s"))
-                          for name, r in trained.items()})
+                   train={name: stage_results(runs / name) for name in stages})
     write_json_atomic(out / "recipe.json", dict(asdict(recipe), seed=args.seed))
     write_json_atomic(out / "results.json", results)
     print_table(results, out)
     return results
+
+
+def stage_results(run_dir: Path) -> dict:
+    """A stage's own results.json (train/results.py), cut to what the demo's table compares."""
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    return dict(results.get("train", {}), tokens_per_s=results["tokens_per_s"],
+                seconds=results["seconds"]["steps"])
 
 
 def closed_chance(chance: dict) -> float:

@@ -1,7 +1,8 @@
-"""Allowed values of numeric config fields: declared next to the field, checked in one place.
+"""Allowed values of config fields: declared next to the field, checked in one place.
 
     batch_size: int = field(default=16, metadata=at_least(1))
     lr: float = field(default=1e-3, metadata=above(0))
+    head: str = field(default="sam", metadata=one_of("sam", "dot"))
 A config's `__post_init__` calls `check_ranges(self)`; `cli.config_from_args` checks the same
 ranges first so that its message names the flag: "--batch-size must be >= 1, got 0". Without
 this, `--batch-size -3` hung forever and `--grad-accum 0` trained nothing and saved the result.
@@ -37,6 +38,23 @@ class Range:
                 f"{self.high:g}{')' if self.high_open else ']'}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """The allowed values of a string field (an option with named choices)."""
+
+    values: tuple[str, ...]
+
+    def __contains__(self, value) -> bool:
+        return value in self.values
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(self.values)
+
+
+def one_of(*values: str) -> dict:
+    return {RANGE: Choices(values)}
+
+
 def at_least(low: float) -> dict:
     return {RANGE: Range(low)}
 
@@ -49,7 +67,7 @@ def between(low: float, high: float, high_open: bool = False) -> dict:
     return {RANGE: Range(low, high, high_open=high_open)}
 
 
-def field_range(f: dataclasses.Field) -> Range | None:
+def field_range(f: dataclasses.Field) -> Range | Choices | None:
     return f.metadata.get(RANGE)
 
 

@@ -16,6 +16,7 @@ results.md. `delta` is the variant's mean minus the baseline's mean (null for th
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import math
 import re
@@ -23,7 +24,6 @@ import statistics
 from dataclasses import dataclass
 
 BASELINE = "baseline"
-SWITCH_VALUES = ("true", "false")  # --vary compile=true,false: the flag present / absent
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,22 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
 
 
-def variant_grid(vary: list[tuple[str, list[str]]]) -> list[Variant]:
-    """Every combination of the values, the baseline first; refuses a flag varied twice or two
-    variants whose names would be the same directory."""
+def variant_grid(vary: list[tuple[str, list[str]]], one_at_a_time: bool = False
+                 ) -> list[Variant]:
+    """Every combination of the values, the baseline first; with `one_at_a_time`, the baseline
+    and then each other value of each flag alone (an ablation table: one change per row).
+    Refuses a flag varied twice or two variants whose names would be the same directory."""
     flags = [flag for flag, _ in vary]
     if len(set(flags)) < len(flags):
         raise ValueError(f"--vary names a flag twice: {' '.join(flags)}")
     baseline = [values[0] for _, values in vary]
+    combinations = list(itertools.product(*(values for _, values in vary)))
+    if one_at_a_time:
+        combinations = [tuple(baseline)] + [
+            tuple(value if j == i else base for j, base in enumerate(baseline))
+            for i, (_, values) in enumerate(vary) for value in values[1:]]
     variants = []
-    for combination in itertools.product(*(values for _, values in vary)):
+    for combination in combinations:
         changed = [f"{flag}={value}" for flag, value, base in zip(flags, combination, baseline)
                    if value != base]
         name = safe_name(",".join(changed)) or BASELINE
@@ -144,9 +151,15 @@ def _cell(stat: dict | None) -> str:
     return text + (f" ({_number(stat['delta'], '+')})" if stat.get("delta") is not None else "")
 
 
-def markdown_table(rows: list[dict], title: str, seeds: list[int]) -> str:
-    """results.md: the rows as a Markdown table (4 significant digits), failures listed below."""
+def markdown_table(rows: list[dict], title: str, seeds: list[int],
+                   columns: list[str] | None = None) -> str:
+    """results.md: the rows as a Markdown table (4 significant digits), failures listed below.
+    `columns`: shell-style patterns (`vqa.closed_accuracy`, `seconds.*`) picking the metrics
+    shown, in that order; all of them when None (results.json always keeps all)."""
     metrics = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
+    if columns:
+        metrics = list(dict.fromkeys(name for pattern in columns for name in metrics
+                                     if fnmatch.fnmatchcase(name, pattern)))
     lines = [f"# {title}", "",
              f"Seeds {','.join(map(str, seeds))}: mean ± sample std over the seeds that "
              "finished (± left out with one); (+x) = the mean's change against baseline; "

@@ -9,8 +9,8 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
 # torch first, pinned to a release that also ships the matching torchvision (open_clip imports
-# it). Any torch >= 2.4 works: if this pair is unavailable for your Python, pip falls back.
-pip install -q "torch==2.14.1" "torchvision==0.29.1" || pip install -q "torch>=2.4" torchvision
+# it). Any torch >= 2.6 works: if this pair is unavailable for your Python, pip falls back.
+pip install -q "torch==2.14.1" "torchvision==0.29.1" || pip install -q "torch>=2.6" torchvision
 pip install -q -e .
 if [ "${1:-}" = "--dev" ]; then
     pip install -q -r requirements-dev.txt

@@ -5,7 +5,7 @@
 Runs the real Trainer on the tiny "test" VLM (with a mask decoder) over a mix of ReasonSeg
 (masks) and SFT (no masks) examples, so on some steps one rank has masks and the other none:
   OUT_DIR/ddp/          DDP, STEPS steps
-  OUT_DIR/fsdp/         FSDP, saved at RESUME_AT and STEPS; validates (logits) on rank 0 at the end
+  OUT_DIR/fsdp/         FSDP, saved and validated (logits, on rank 0) at RESUME_AT and STEPS
   OUT_DIR/fsdp_ac/      FSDP with activation checkpointing
   OUT_DIR/resume/       FSDP resumed from fsdp/step RESUME_AT (its own optimizer shard)
   OUT_DIR/ddp_resume/   DDP resumed from fsdp/step RESUME_AT, consolidated first
@@ -78,11 +78,11 @@ def main(out: Path, shapes: Path, tokenizer_dir: Path) -> None:
         trainer.fit()
 
     def probe(m):  # rank 0 alone, while every rank waits in Trainer._validate
-        result["logits"] = m.lm(PROBE_IDS).detach().clone()
-        return {"probe": float(result["logits"].sum())}
+        result.setdefault("logits", []).append(m.lm(PROBE_IDS).detach().clone())
+        return {"probe": float(result["logits"][-1].sum())}
 
     train("ddp")
-    train("fsdp", fsdp=True, save_every=RESUME_AT, validate=probe)
+    train("fsdp", fsdp=True, save_every=RESUME_AT, eval_every=RESUME_AT, validate=probe)
     train("fsdp_ac", fsdp=True, grad_checkpoint=True)
     saved = out / "fsdp" / f"step_{RESUME_AT:06d}"
     copy_step(out / "resume", saved, env)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import ablate
-from minivlm.sweep import flatten, parse_vary, variant_grid
+from minivlm.sweep import flatten, markdown_table, parse_vary, variant_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,6 +185,22 @@ def test_a_different_sweep_in_the_directory_is_refused_unless_forced(tmp_path, t
         f"ablate.py: error: --vary nope: {' '.join(toy)} has no --nope (not in its --help)"]
 
 
+def test_a_flag_named_only_in_the_help_description_is_not_accepted(tmp_path, toy):
+    Path(toy[1]).write_text(TOY.replace("argparse.ArgumentParser()", "argparse.ArgumentParser("
+                                        "description='unlike train.py --bogus, this one...')"))
+    with pytest.raises(ValueError, match="--vary bogus: .* has no --bogus"):
+        sweep(tmp_path / "abl", toy, "--vary", "bogus=1,2")
+    assert calls(toy) == []
+
+
+def test_one_at_a_time_sweep_runs_the_baseline_and_one_directory_per_change(tmp_path, toy):
+    out = tmp_path / "abl"
+    summary = sweep(out, toy, "--one-at-a-time", "--vary", "x=1,2", "--vary", "y=a,b")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["baseline", "x=2", "y=b"]
+    assert [row["variant"] for row in summary["variants"]] == ["baseline", "x=2", "y=b"]
+    assert len(calls(toy)) == 3 and summary["failed_runs"] == 0
+
+
 def test_real_sweep_of_a_tiny_pretraining_stage(shapes_dir, tiny_tokenizer_dir, tmp_path):
     out = tmp_path / "abl"
     command = [sys.executable, str(REPO / "train_pretrain.py"), "--data",
@@ -207,3 +223,21 @@ def test_real_sweep_of_a_tiny_pretraining_stage(shapes_dir, tiny_tokenizer_dir, 
         rows["lr=3e-3"]["metrics"]["train.loss"]["mean"]
         - rows["baseline"]["metrics"]["train.loss"]["mean"])
     assert "| lr=3e-3 | 1/1 |" in (out / "results.md").read_text()
+
+
+def test_one_at_a_time_runs_the_baseline_and_each_change_alone():
+    variants = variant_grid([("lr", ["1", "2", "3"]), ("layers", ["2", "4"])], one_at_a_time=True)
+    assert [v.name for v in variants] == ["baseline", "lr=2", "lr=3", "layers=4"]
+    assert [dict(v.flags) for v in variants] == [
+        {"lr": "1", "layers": "2"}, {"lr": "2", "layers": "2"}, {"lr": "3", "layers": "2"},
+        {"lr": "1", "layers": "4"}]
+
+
+def test_columns_pick_and_order_the_tables_metrics_by_pattern():
+    rows = [{"variant": "baseline", "seeds": [0], "failed": {}, "wall_seconds": None,
+             "metrics": {name: {"mean": value, "std": None, "delta": None}
+                         for name, value in (("seconds.sft", 3.0), ("loss", 1.5),
+                                             ("seconds.seg", 4.0), ("acc", 0.25))}}]
+    table = markdown_table(rows, "t", [0], ["acc", "seconds.*"])
+    assert "| variant | runs | acc | seconds.sft | seconds.seg | wall (s) |" in table
+    assert "| baseline | 1/1 | 0.25 | 3 | 4 | — |" in table

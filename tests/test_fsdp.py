@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
 
 import _fsdp_worker as worker
 from minivlm.consolidate import consolidate
+from minivlm.errors import CheckpointError
 from minivlm.load import load_vlm
 from minivlm.train.checkpoint import load_model_and_optimizer, load_optimizer_state
 from minivlm.train.distributed import DistributedEnv, init_distributed
+from minivlm.train.fsdp import load_fsdp_weights
 from minivlm.train.stage import parse_args
 from minivlm.train.trainer import TrainConfig
 
@@ -85,11 +88,12 @@ def test_fsdp_resume_on_the_same_world_size_is_exact(fsdp_run):
 
 def test_fsdp_checkpoint_loads_in_one_process_with_the_same_logits(fsdp_run):
     out, ranks = fsdp_run
-    model, _, _ = load_vlm(out / "fsdp")
-    with torch.no_grad():
-        logits = model.lm(worker.PROBE_IDS)
-    # ranks[0]["logits"]: rank 0 alone ran the sharded model during Trainer validation.
-    torch.testing.assert_close(logits, ranks[0]["logits"], atol=1e-6, rtol=0)
+    # ranks[0]["logits"]: rank 0 alone ran the sharded model during Trainer validation, mid-run
+    # (training went on after it: test_fsdp_matches_ddp_after_k_steps) and at the end.
+    for step, validated in zip((worker.RESUME_AT, worker.STEPS), ranks[0]["logits"], strict=True):
+        model, _, _ = load_vlm(out / "fsdp" / f"step_{step:06d}")
+        with torch.no_grad():
+            torch.testing.assert_close(model.lm(worker.PROBE_IDS), validated, atol=1e-6, rtol=0)
     assert "logits" not in ranks[1]
 
 
@@ -133,3 +137,31 @@ def test_fsdp_bad_flags():
     with pytest.raises(ValueError, match="needs --ddp"):
         parse_args("test", ["--fsdp", "--tokenizer", "x"])
     assert TrainConfig(ddp=True, fsdp=True).fsdp
+
+
+class TiedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(4, 3)
+        self.head = nn.Linear(3, 4, bias=False)
+        self.head.weight = self.embed.weight  # (4, 3), stored once by save_model
+
+
+def test_fsdp_weights_are_checked_like_load_weights(tmp_path):
+    """load_fsdp_weights reads through read_weights (on an unsharded model: no torchrun)."""
+    source, path = TiedModel(), tmp_path / "model.safetensors"
+    save_model(source, str(path))
+    model = TiedModel()
+    load_fsdp_weights(model, path)
+    assert torch.equal(model.head.weight, source.embed.weight)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        load_fsdp_weights(model, path)
+    for state, problem in [({}, r"missing tensor 'embed.weight' \(4, 3\)"),
+                           ({"embed.weight": torch.zeros(5, 3)}, r"has shape \(5, 3\), the "
+                                                                 r"model expects \(4, 3\)"),
+                           ({"embed.weight": torch.zeros(4, 3), "extra": torch.zeros(1)},
+                            "unexpected tensor 'extra'")]:
+        save_file(state, str(path))
+        with pytest.raises(ValueError, match=problem):
+            load_fsdp_weights(model, path)

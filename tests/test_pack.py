@@ -2,6 +2,7 @@
 batch computes exactly what the padded batch does, sample by sample; image tokens that see
 each other change only what they should, and KV-cache decoding still matches a full recompute."""
 import copy
+import json
 import random
 from dataclasses import replace
 
@@ -25,7 +26,9 @@ from minivlm.models.build import build_vlm
 from minivlm.models.vlm import VLMConfig
 from minivlm.train.batch_plan import BatchPlan
 from minivlm.train.distributed import init_distributed
+from minivlm.train.results import RESULTS_FILE
 from minivlm.train.stage import parse_args
+from minivlm.train.trainer import Trainer
 
 
 @pytest.fixture
@@ -239,6 +242,19 @@ def test_pack_bidirectional_image_tokens_see_their_own_image_only(tokenizer, tmp
                                hidden_with_embeds(bidirectional, batch, embeds)[1])
 
 
+def test_pack_adjacent_image_placeholders_are_refused_naming_the_record(tokenizer, tmp_path):
+    """Two images with nothing between them would be one run of image rows: one block."""
+    model = make_model(tokenizer, "bidirectional", seg=False)
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(tmp_path / "b.png")
+    chat = [Sample(images=[tmp_path / "b.png"] * 2, source="pairs.json:3", turns=[
+        {"role": "user", "content": "<image><image>\nsame?"},
+        {"role": "assistant", "content": "yes"}])]
+    with pytest.raises(ValueError, match=r"^pairs.json:3: two <image> placeholders with nothing "
+                                         "between them"):
+        ChatDataset(chat, tokenizer, ImageProcessor.for_tower(model.vision),
+                    model.image_tokens_per_tile, 512)
+
+
 @torch.no_grad()
 def test_pack_bidirectional_kv_cache_generation_equals_full_recompute(tokenizer, tmp_path):
     model = make_model(tokenizer, "bidirectional", seg=False).eval()
@@ -259,11 +275,18 @@ def test_pack_bidirectional_kv_cache_generation_equals_full_recompute(tokenizer,
     assert cached.tolist() == torch.stack(recomputed, 1).tolist()
 
 
-def test_pack_flag_trains_a_stage_end_to_end(shapes_dir, tiny_tokenizer_dir, tmp_path):
+def test_pack_flag_trains_a_stage_end_to_end(shapes_dir, tiny_tokenizer_dir, tmp_path,
+                                             monkeypatch):
+    trainers, fit = [], Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: trainers.append(self) or fit(self))
     results = train_pretrain.main([
         "--data", str(shapes_dir / "pretrain.json"), "--tokenizer", str(tiny_tokenizer_dir),
         "--out-dir", str(tmp_path / "run"), "--max-steps", "2", "--model-preset", "demo-quick",
         "--batch-size", "2", "--log-every", "1", "--pack", "--image-attention", "bidirectional"])
     assert np.isfinite(results["train/loss"])
+    # 2 steps of 2 rows: padded, 4 examples at most; packed rows of several examples hold more.
+    longest = max(trainers[0].train_set.lengths())
+    tokens = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())["tokens"]
+    assert tokens > 2 * 2 * longest
     model, _, _ = load_vlm(tmp_path / "run")
     assert model.config.image_tokens.attention == "bidirectional"

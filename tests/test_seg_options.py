@@ -13,8 +13,9 @@ from minivlm.data.sample import Sample
 from minivlm.data.tokenizer import load_tokenizer
 from minivlm.models.build import build_vlm, build_vlm_from_config
 from minivlm.models.dot_mask_head import DotProductMaskHead
-from minivlm.models.seg_head import SegConfig
+from minivlm.models.seg_head import SegConfig, SimilarityPrompt
 from minivlm.models.vlm import VLMConfig
+from minivlm.train.stage import parse_args
 
 
 @pytest.fixture
@@ -62,10 +63,21 @@ def test_seg_prompt_picks_the_predicting_state_or_the_seg_token_state(tokenizer)
 
 
 def test_unknown_head_or_prompt_is_one_clear_error():
-    with pytest.raises(ValueError, match="--seg-head 'unet': expected one of sam, dot"):
+    with pytest.raises(ValueError, match="SegConfig.head must be one of sam, dot, got 'unet'"):
         SegConfig(head="unet")
-    with pytest.raises(ValueError, match="--seg-prompt 'last'"):
+    with pytest.raises(ValueError, match="SegConfig.prompt must be one of predicting, seg_token"):
         SegConfig(prompt="last")
+    with pytest.raises(ValueError, match="SegConfig.dense_prompt must be .* got 'mask'"):
+        SegConfig(dense_prompt="mask")
+    with pytest.raises(ValueError, match="--seg-head dot has no SAM decoder"):
+        SegConfig(head="dot", dense_prompt="similarity")
+
+
+def test_a_bad_choice_on_the_command_line_names_the_flag():
+    with pytest.raises(ValueError, match="--seg-head must be one of sam, dot, got 'unet'"):
+        parse_args("test", ["--seg-head", "unet"])
+    with pytest.raises(ValueError, match="--image-attention must be one of causal, bidirect"):
+        parse_args("test", ["--image-attention", "full"])
 
 
 def _red_square_batch(tokenizer, model, tmp_path):
@@ -82,11 +94,45 @@ def _red_square_batch(tokenizer, model, tmp_path):
     return collate([dataset[0]], tokenizer.pad_id), mask
 
 
-@pytest.mark.parametrize("head,prompt", [("dot", "seg_token"), ("sam", "seg_token")])
-def test_each_head_and_prompt_learns_a_mask_and_survives_a_config_round_trip(
-        tokenizer, tmp_path, head, prompt):
+def test_similarity_prompt_is_the_query_image_dot_product_in_both_of_its_outputs():
     torch.manual_seed(0)
-    model = build_vlm(seg_config(head=head, prompt=prompt), tokenizer)
+    prompt = SimilarityPrompt(dim=4)
+    query, image = torch.randn(2, 4), torch.randn(2, 4, 3, 3)
+    coarse, dense = prompt(query, image)
+    expected = torch.stack([(image[k] * query[k][:, None, None]).sum(0) for k in range(2)]) / 2
+    torch.testing.assert_close(coarse[:, 0], expected)
+    torch.testing.assert_close(dense, expected[:, None] * prompt.direction[None, :, None, None])
+
+
+def test_similarity_prompt_changes_the_sam_masks_by_its_upsampled_coarse_map(tokenizer):
+    """With the prompt, the decoder sees the dense map and its output is added to the coarse
+    one: zeroing the direction leaves exactly LISA's decoder output plus the coarse map."""
+    torch.manual_seed(0)
+    head = build_vlm(seg_config(dense_prompt="similarity"), tokenizer).seg_head
+    plain = build_vlm(seg_config(), tokenizer).seg_head
+    plain.load_state_dict({k: v for k, v in head.state_dict().items()
+                           if not k.startswith("similarity_prompt.")})
+    with torch.no_grad():
+        head.similarity_prompt.direction.zero_()
+    seg_hidden, tokens = torch.randn(2, 32), torch.randn(2, 16, 32)
+    g = head.grid_size
+    image = head.image_to_mask(tokens).transpose(1, 2).reshape(2, -1, g, g)
+    coarse, _ = head.similarity_prompt(head.text_hidden_fcs(seg_hidden), image)
+    size = (4 * g, 4 * g)
+    upsampled = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear",
+                                                align_corners=False)
+    for k, (ours, lisa) in enumerate(zip(head(seg_hidden, tokens, [size] * 2),
+                                         plain(seg_hidden, tokens, [size] * 2))):
+        torch.testing.assert_close(ours, lisa + upsampled[k, 0])
+
+
+@pytest.mark.parametrize("head,prompt,dense", [("dot", "seg_token", "none"),
+                                               ("sam", "seg_token", "none"),
+                                               ("sam", "predicting", "similarity")])
+def test_each_head_and_prompt_learns_a_mask_and_survives_a_config_round_trip(
+        tokenizer, tmp_path, head, prompt, dense):
+    torch.manual_seed(0)
+    model = build_vlm(seg_config(head=head, prompt=prompt, dense_prompt=dense), tokenizer)
     batch, mask = _red_square_batch(tokenizer, model, tmp_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(120):

@@ -73,7 +73,13 @@ class ChatDataset(Dataset):
                     raise ValueError(f"{sample.source}: mask {k} is {mask.shape[1]}x{mask.shape[0]}"
                                      f" but the image is {width}x{height}")
         ids, labels = self.tokenizer.encode_chat(sample.turns)
-        ids, labels = expand_image_tokens(ids, labels, self.tokenizer.image_token_id,
+        image_id = self.tokenizer.image_token_id
+        if any(a == b == image_id for a, b in zip(ids, ids[1:])):
+            # Their rows would form one unbroken run, which image attention
+            # (models/attention_mask.py image_blocks) cannot tell apart into two images.
+            raise ValueError(f"{sample.source}: two <image> placeholders with nothing between "
+                             "them; put text (a newline will do) between images")
+        ids, labels = expand_image_tokens(ids, labels, image_id,
                                           [t * self.tokens_per_tile for t in tiles])
         if len(ids) > max_seq_len:
             raise ValueError(f"{sample.source}: {len(ids)} tokens (images included) exceed the "

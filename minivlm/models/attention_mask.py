@@ -11,12 +11,12 @@ would see alone (the "document masking" of Krell et al. 2021, "Efficient Sequenc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-IMAGE_ATTENTION = ("causal", "bidirectional")
+from minivlm.ranges import check_ranges, one_of
 
 
 @dataclass
@@ -25,18 +25,13 @@ class ImageTokensConfig:
 
     # "causal": LLaVA, an image token sees only the image tokens before it. "bidirectional":
     # every token of one image occurrence (all its tiles) sees every other; text stays causal.
-    attention: str = "causal"
+    attention: str = field(default="causal", metadata=one_of("causal", "bidirectional"))
     # "none": image tokens carry only the tower's features (and their 1-D RoPE position);
     # "2d": plus a learned row and column embedding each (image_positions.py)
-    positions: str = "none"
+    positions: str = field(default="none", metadata=one_of("none", "2d"))
 
     def __post_init__(self):
-        if self.attention not in IMAGE_ATTENTION:
-            raise ValueError(f"--image-attention (ImageTokensConfig.attention) must be one of "
-                             f"{', '.join(IMAGE_ATTENTION)}, got {self.attention!r}")
-        if self.positions not in ("none", "2d"):
-            raise ValueError("--image-positions (ImageTokensConfig.positions) must be one of "
-                             f"none, 2d, got {self.positions!r}")
+        check_ranges(self)
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
@@ -83,8 +78,8 @@ def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
 
 def image_blocks(is_image: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) id > 0 of the image occurrence each image token belongs to, 0 for text: one id per
-    unbroken run of image tokens inside one sample (the tiles of one image are one run; the chat
-    template always puts text between two images)."""
+    unbroken run of image tokens inside one sample (the tiles of one image are one run; ChatDataset
+    refuses two <image> placeholders with nothing between them, whose runs would merge)."""
     run_start = is_image & _starts(is_image.long() + 2 * document_ids)  # a new run or sample
     return run_start.long().cumsum(-1) * is_image  # (B, T)
 

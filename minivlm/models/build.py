@@ -88,7 +88,8 @@ def build_seg_head(config: SegConfig, lm_dim: int, vision: VisionTower,
     else:
         mask_decoder, prompt_encoder = build_mask_decoder(decoder_config)
     return SegHead(mask_decoder=mask_decoder, prompt_encoder=prompt_encoder, lm_dim=lm_dim,
-                   vision_dim=vision.config.width, grid_size=vision.grid_size)
+                   vision_dim=vision.config.width, grid_size=vision.grid_size,
+                   dense_prompt=config.dense_prompt)
 
 
 def build_vlm_from_config(config: VLMConfig, lm: Transformer | None = None,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from minivlm.models.mask_decoder import MaskDecoder
 from minivlm.models.prompt_encoder import NoMaskPromptEncoder
 from minivlm.models.seg_losses import dice_loss, sigmoid_bce_loss
-from minivlm.ranges import at_least, check_ranges
+from minivlm.ranges import at_least, check_ranges, one_of
 
 
 @dataclass
@@ -31,10 +31,13 @@ class SegConfig:
     iou_head_hidden_dim: int = field(default=64, metadata=at_least(1))
     sam_checkpoint: str = ""  # an original SAM .pth: its decoder is loaded, decoder_* become SAM's
     # "sam": LISA's SAM-style decoder; "dot": a per-pixel dot product (dot_mask_head.py), a baseline
-    head: str = "sam"
+    head: str = field(default="sam", metadata=one_of("sam", "dot"))
     # which hidden state prompts the head: "predicting" = the one that predicts [SEG] (LISA's
     # seg_token_mask), "seg_token" = the output state at the [SEG] token itself
-    prompt: str = "predicting"
+    prompt: str = field(default="predicting", metadata=one_of("predicting", "seg_token"))
+    # SAM's dense-prompt slot (a mask prompt in SAM; LISA leaves it at "no mask"): "similarity"
+    # fills it with where the [SEG] query matches each image embedding (SimilarityPrompt)
+    dense_prompt: str = field(default="none", metadata=one_of("none", "similarity"))
     # LISA's loss weights; 0 turns a term off
     ce_weight: float = field(default=1.0, metadata=at_least(0))
     bce_weight: float = field(default=2.0, metadata=at_least(0))
@@ -42,10 +45,28 @@ class SegConfig:
 
     def __post_init__(self):
         check_ranges(self)
-        for name, allowed in (("head", ("sam", "dot")), ("prompt", ("predicting", "seg_token"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--seg-{name} {getattr(self, name)!r}: expected one of "
-                                 f"{', '.join(allowed)}")
+        if self.head == "dot" and (self.dense_prompt != "none" or self.sam_checkpoint):
+            raise ValueError("--seg-head dot has no SAM decoder: it takes neither "
+                             "--seg-dense-prompt nor --seg-sam-checkpoint")
+
+
+class SimilarityPrompt(nn.Module):
+    """Where the [SEG] query matches the image: at each grid cell, the scaled dot product of the
+    query with the image embedding there (n, 1, g, g), a coarse mask. It goes in SAM's dense-prompt
+    slot (times a learned direction), as SAM gets its previous low-res mask back, and the decoder's
+    output is added to it (upsampled), so the decoder learns the fine edges of a mask the query
+    already places. Without it the query reaches the image only through a random decoder's
+    attention, which learns slowly (README, "What matters at small scale")."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.direction = nn.Parameter(torch.randn(dim) / dim ** 0.5)
+
+    def forward(self, query: torch.Tensor, image: torch.Tensor):
+        """query (n, C), image embeddings (n, C, g, g) -> (coarse logits (n, 1, g, g),
+        dense prompt (n, C, g, g))."""
+        similarity = torch.einsum("nc,nchw->nhw", query, image)[:, None] / image.shape[1] ** 0.5
+        return similarity, similarity * self.direction[None, :, None, None]
 
 
 class SegHead(nn.Module):
@@ -54,7 +75,7 @@ class SegHead(nn.Module):
     projections into the decoder's width."""
 
     def __init__(self, *, mask_decoder: MaskDecoder, prompt_encoder: NoMaskPromptEncoder,
-                 lm_dim: int, vision_dim: int, grid_size: int):
+                 lm_dim: int, vision_dim: int, grid_size: int, dense_prompt: str = "none"):
         super().__init__()
         self.mask_decoder, self.prompt_encoder = mask_decoder, prompt_encoder
         dim = mask_decoder.transformer_dim
@@ -63,6 +84,7 @@ class SegHead(nn.Module):
                                              nn.Linear(lm_dim, dim))
         self.image_to_mask = nn.Linear(vision_dim, dim)
         self.grid_size = grid_size
+        self.similarity_prompt = SimilarityPrompt(dim) if dense_prompt == "similarity" else None
 
     def forward(self, seg_hidden: torch.Tensor, patch_tokens: torch.Tensor,
                 sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -72,11 +94,17 @@ class SegHead(nn.Module):
         image = self.image_to_mask(patch_tokens)  # (n, P, C)
         image = image.transpose(1, 2).reshape(n, -1, g, g)  # (n, C, g, g)
         dense = self.prompt_encoder(n, (g, g))  # (n, C, g, g)
+        if self.similarity_prompt is not None:
+            coarse, similarity_dense = self.similarity_prompt(sparse[:, 0], image)
+            dense = dense + similarity_dense
         image_pe = self.prompt_encoder.get_dense_pe((g, g))  # (1, C, g, g)
         low_res, _ = self.mask_decoder(image_embeddings=image, image_pe=image_pe,
                                        sparse_prompt_embeddings=sparse,
                                        dense_prompt_embeddings=dense,
                                        multimask_output=False)  # (n, 1, 4g, 4g)
+        if self.similarity_prompt is not None:
+            low_res = low_res + F.interpolate(coarse, size=low_res.shape[-2:], mode="bilinear",
+                                              align_corners=False)
         return [F.interpolate(low_res[k:k + 1].float(), size=tuple(size), mode="bilinear",
                               align_corners=False)[0, 0] for k, size in enumerate(sizes)]
 

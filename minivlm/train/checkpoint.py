@@ -11,7 +11,9 @@ complete copy before each rename, so a kill -9 at any instant leaves `latest` na
 checkpoint, sometimes a hidden one; the next save finishes the interrupted one first. A fresh run
 into a directory that holds checkpoints is refused unless it says --resume or --overwrite.
 Tensors are read back with safetensors or torch.load(weights_only=True): a checkpoint can never
-run code on load, and a file it cannot read is a CheckpointError naming it.
+run code on load, and a file it cannot read is a CheckpointError naming it. Under FSDP the full
+weights are gathered into model.safetensors (loadable in one process) while each rank saves its
+own optimizer shard (train/fsdp.py; `python -m minivlm.consolidate` merges them).
 """
 from __future__ import annotations
 

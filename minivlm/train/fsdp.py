@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -40,6 +39,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from minivlm.train.distributed import DistributedEnv
+from minivlm.weights.checkpoint import read_weights, tied_names
 
 
 def check_fsdp_flags(config) -> None:
@@ -55,6 +55,9 @@ def check_fsdp_flags(config) -> None:
 def shard_model(model: nn.Module, env: DistributedEnv, dtype: torch.dtype) -> None:
     """fully_shard each decoder layer, then the root, in place (before building the optimizer:
     the parameters become DTensor shards)."""
+    if not hasattr(FSDPModule, "reset_iter_state"):  # unsharded() needs it (see there)
+        raise ValueError(f"--fsdp needs a newer torch than {torch.__version__} (its FSDP2 has "
+                         "no reset_iter_state; 2.14 has it): upgrade torch, or use --zero1")
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     # On CUDA with bf16, gather and compute in bf16 (half the all-gather bytes) while gradients
     # are reduced and the sharded master weights kept in fp32. CPU runs fp32 throughout.
@@ -128,6 +131,9 @@ def unsharded(model: nn.Module):
         model.set_reshard_after_forward(False, recurse=False)  # the root, as shard_model set it
         for unit in units:
             unit.reshard()
+        # Rank 0's forwards here recorded a forward order that no backward cleared; the next
+        # backward would prefetch by it, out of step with the other ranks' collectives (a hang).
+        model.reset_iter_state()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,21 +141,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     A tied weight (lm_head = embed_tokens) is kept once, under its first name, as save_model."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
-    first_name: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if first_name.setdefault(id(param), name) != name:
-            state.pop(name, None)
+    for name in tied_names(model):
+        state.pop(name, None)
     return state
 
 
 def load_fsdp_weights(model: nn.Module, path: Path) -> None:
-    """Load a full model.safetensors into the shards: each rank keeps its dim-0 slice."""
-    state = load_file(str(path))
-    first_name: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first_name.setdefault(id(param), name)
-        if name not in state:  # a tied weight, saved once under its other name
-            state[name] = state[first_name[id(param)]]
+    """Load a full model.safetensors (checked as load_weights does) into the shards: each rank
+    keeps its dim-0 slice."""
+    state = read_weights(model, path)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             full = state[name].to(tensor.device, tensor.dtype)

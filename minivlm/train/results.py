@@ -5,7 +5,8 @@ directory that holds results.json is a finished run (ablate.py skips such a dire
 sweep is run again). For example, after `train_sft.py --val-data ...`:
 
     {"stage": "sft",
-     "train": {"loss": 0.058, "grad_norm": 0.41},       # mean over the last --log-every window
+     "train": {"loss": 0.058, "grad_norm": 0.41},       # loss: mean over the last --log-every
+                                                         # window; grad_norm: the last step's
      "val": {"closed_accuracy": 0.706, ...},             # the last validation (with --val-data)
      "tokens_per_s": 13012.5, "images_per_s": 410.2,     # over the optimizer steps
      "tokens": 1234567, "images": 38400,

@@ -105,7 +105,7 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
                                  (TransformerConfig, "lm"), (SegConfig, "seg"),
                                  (ImageTokensConfig, "image")):
         checked_values(args, config_class, prefix)
-    config_from_args(args, ImageTokensConfig, "image")  # a string choice: checked by building it
+    config_from_args(args, SegConfig, "seg")  # and the choices that go together (SegConfig)
     if args.val_limit < 1:  # a plain flag, not a config field: its range is checked here
         raise ValueError(f"--val-limit must be >= 1, got {args.val_limit}")
     return args

@@ -18,7 +18,8 @@ PARTS = ("vision", "projector", "lm", "seg")
 # What LISA trains in full beside the LM's adapters, and so train_seg.py's --lora-train-extra:
 # the [SEG] projection, the mask decoder and its image input, and the rows of the new tokens
 # (<image>, [SEG]) in the embeddings and the output layer.
-SEG_LORA_EXTRAS = ("text_hidden_fcs", "mask_decoder", "image_to_mask", "lm_head", "embed_tokens")
+SEG_LORA_EXTRAS = ("text_hidden_fcs", "mask_decoder", "image_to_mask", "similarity_prompt",
+                   "lm_head", "embed_tokens")
 
 
 def _part_modules(model: VLM) -> dict[str, nn.Module | None]:

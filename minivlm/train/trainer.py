@@ -1,8 +1,9 @@
 """The one training loop every stage shares (pretrain, SFT, segmentation), for 1 or N processes.
 
-Per optimizer step: `grad_accum` micro-batches under autocast, each backward scaled by the
-GradScaler (active only for fp16); gradients all-reduced by DDP only on the last micro-batch;
-unscale, clip to the global norm, optimizer step (AdamW, or ZeRO-1 shards), cosine-warmup LR.
+Per optimizer step: `grad_accum` micro-batches (with --pack, rows of several examples) under
+autocast, each backward scaled by the GradScaler (active only for fp16); gradients all-reduced by
+DDP on the last micro-batch only (no_sync before it), or reduce-scattered by FSDP after every one;
+unscale, clip to the global norm, optimizer step (AdamW, ZeRO-1 or FSDP shards), cosine-warmup LR.
 Data order is a pure function of (seed, epoch), so `--resume` continues bit-exactly.
 """
 from __future__ import annotations
@@ -209,7 +210,7 @@ class Trainer:
                 group["lr"] = lr
             for micro in range(c.grad_accum):
                 batch = self._to_device(next(batches))
-                # Only the last micro-batch all-reduces gradients; the others just accumulate.
+                # DDP: only the last micro-batch all-reduces, the others accumulate (FSDP: each).
                 with no_sync_if(self.train_model, micro < c.grad_accum - 1):
                     with torch.autocast(env.device.type, dtype=self.dtype,
                                         enabled=self.dtype != torch.float32):

@@ -209,7 +209,9 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
 
     Under DDP (with or without ZeRO-1) every rank holds all the averaged gradients, so the norm
     over `model.parameters()` is already the global one and every rank clips identically: no
-    communication is needed, even though each ZeRO-1 rank updates only its shard.
+    communication is needed, even though each ZeRO-1 rank updates only its shard. Under FSDP the
+    gradients are DTensor shards: their norms are partial, and reducing them to the global norm
+    is an all-reduce that DTensor does implicitly.
     """
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]

@@ -50,26 +50,47 @@ def read_config(ckpt_dir: Path) -> dict:
         raise ValueError(f"{ckpt_dir / RUN_CONFIG_FILE}: unreadable ({error})") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights strictly, naming the first tensor that is missing or mis-shaped."""
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each tied parameter's later name -> its first name (lm_head.weight ->
+    lm.embed_tokens.weight): one Parameter under two names, which a weights file stores once."""
+    first_name: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(param), name)
+        if first != name:
+            aliases[name] = first
+    return aliases
+
+
+def read_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict for `model`, checked against its names and shapes (a
+    sharded model's global shapes): a damaged file, or the first tensor that is missing,
+    mis-shaped or unexpected, raises one line naming the file. A tied weight, saved under either
+    of its names, comes back under both."""
     try:
         state = load_file(str(path))
     except SafetensorError as error:  # a truncated or overwritten file
         raise CheckpointError(f"{path}: cannot read the weights ({error}); the file is truncated "
                               "or damaged") from None
-    expected = model.state_dict()
-    # Tied weights (embed_tokens / lm_head) share storage; save_model kept one of the names.
-    aliases: dict[int, set[str]] = {}
-    for name, tensor in expected.items():
-        aliases.setdefault(tensor.data_ptr(), set()).add(name)
-    for name, tensor in expected.items():
-        if not aliases[tensor.data_ptr()] & state.keys():
-            raise ValueError(f"{path}: missing tensor '{name}' {tuple(tensor.shape)}")
-        if name in state and state[name].shape != tensor.shape:
+    for name, first in tied_names(model).items():
+        stored = state.get(first, state.get(name))
+        if stored is not None:
+            state.setdefault(name, stored)
+            state.setdefault(first, stored)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"{path}: missing tensor '{name}' {shape}")
+        if tuple(state[name].shape) != shape:
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(tensor.shape)}")
+                             f"the model expects {shape}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise ValueError(f"{path}: unexpected tensor '{unexpected[0]}' "
                          f"({len(unexpected)} in all) for this model config")
-    model.load_state_dict(state, strict=False)
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly (read_weights names what does not fit)."""
+    model.load_state_dict(read_weights(model, path))
