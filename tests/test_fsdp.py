@@ -59,6 +59,19 @@ def weights(out: Path, run: str, step: int = worker.STEPS) -> dict[str, torch.Te
     return load_file(str(out / run / f"step_{step:06d}" / "model.safetensors"))
 
 
+def without_key_biases(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights less the attention key biases. Adding a bias b to every key adds q·b to each
+    of a query's logits alike, which softmax ignores: a key bias's true gradient is zero and what
+    it gets is rounding noise, which DDP's all-reduce and FSDP's reduce-scatter round differently
+    and Adam scales up to ~lr per step. Nothing the model computes depends on them."""
+    kept = {name: w for name, w in weights.items() if not name.endswith("k_proj.bias")}
+    for name, w in weights.items():  # open_clip's fused q|k|v bias: drop its middle third
+        if name.endswith("in_proj_bias"):
+            q, _, v = w.chunk(3)
+            kept[name] = torch.cat([q, v])
+    return kept
+
+
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[name] - b[name]).abs().max().item() for name in a)
@@ -69,7 +82,7 @@ def test_fsdp_matches_ddp_after_k_steps(fsdp_run):
     # Some step gave one rank masks and the other none: the mask decoder ran on one rank only.
     assert ranks[0]["has_masks"] != ranks[1]["has_masks"]
     fsdp, ddp = weights(out, "fsdp"), weights(out, "ddp")
-    assert max_difference(fsdp, ddp) <= 1e-5
+    assert max_difference(without_key_biases(fsdp), without_key_biases(ddp)) <= 1e-5
     assert max_difference(fsdp, weights(out, "fsdp", worker.RESUME_AT)) > 1e-3  # it trained
 
 
@@ -100,7 +113,8 @@ def test_fsdp_checkpoint_loads_in_one_process_with_the_same_logits(fsdp_run):
 def test_fsdp_consolidated_checkpoint_resumes_under_ddp_and_zero1(fsdp_run, tmp_path):
     out, _ = fsdp_run
     for run in ("ddp_resume", "zero1_resume"):
-        assert max_difference(weights(out, run), weights(out, "fsdp")) <= 1e-5
+        assert max_difference(without_key_biases(weights(out, run)),
+                              without_key_biases(weights(out, "fsdp"))) <= 1e-5
     # The merged shards are plain AdamW's state dict: the DDP run's, up to rounding.
     ckpt = tmp_path / "step"
     shutil.copytree(out / "fsdp" / f"step_{worker.STEPS:06d}", ckpt)
