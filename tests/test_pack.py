@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention.flex_attention import BlockMask
 
 import train_pretrain
 from conftest import tiny_vlm_config
@@ -21,7 +22,7 @@ from minivlm.data.packing import collate_packed, first_fit_decreasing
 from minivlm.data.sample import Sample
 from minivlm.data.tokenizer import load_tokenizer
 from minivlm.load import load_vlm
-from minivlm.models.attention_mask import ImageTokensConfig
+from minivlm.models.attention_mask import ImageTokensConfig, is_ready_mask
 from minivlm.models.build import build_vlm
 from minivlm.models.vlm import VLMConfig
 from minivlm.train.batch_plan import BatchPlan
@@ -124,6 +125,36 @@ def test_packed_batch_equals_padded_batch_per_sample_with_images_and_masks(token
     assert any(n.startswith("seg_head") for n in grads_packed)  # the masks did train the head
     for name, grad in grads_padded.items():
         torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_pack_flex_attention_block_mask_gives_the_dense_masks_hidden_states(tokenizer, tmp_path,
+                                                                           attention):
+    """CUDA training attends through FlexAttention's BlockMask (use_flex_attention); its forward
+    also runs on CPU (eager), so its rule is checked here against the dense SDPA mask, packed and
+    padded, with tiled, multiple and bidirectional images."""
+    model = make_model(tokenizer, attention).eval()
+    dataset = ChatDataset(samples(tmp_path), tokenizer, ImageProcessor.for_tower(model.vision),
+                          model.image_tokens_per_tile, 512)
+    items = [dataset[i] for i in range(len(dataset))]
+    packed = collate_packed([[items[i] for i in row] for row in [(4, 0), (3, 1, 2)]],
+                            tokenizer.pad_id)
+    padded = collate(items, tokenizer.pad_id)
+    for batch in (packed, padded):
+        embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"])
+        hidden = {}
+        for flex in (False, True):
+            mask, positions = model.lm_mask(batch["input_ids"], batch["attention_mask"],
+                                            batch.get("document_ids"), flex=flex)
+            if not is_ready_mask(mask):  # padded and causal: the padding mask itself
+                assert batch is padded and attention == "causal"
+                break
+            assert isinstance(mask, BlockMask) == flex
+            hidden[flex] = model.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
+                                                  position_ids=positions)
+        if hidden:
+            torch.testing.assert_close(hidden[True], hidden[False], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_batch_orders_images_masks_and_seg_tiles_in_packed_order(tokenizer, tmp_path):

@@ -6,15 +6,20 @@
         causal, within one sample (document) only, never onto padding; with
         `ImageTokensConfig.attention="bidirectional"`, the tokens of one image also see each other
         (prefix-LM over the image, as PaliGemma does for its whole prefix)
+    ... on CUDA, in training (no KV cache) ─► the same rule as FlexAttention's BlockMask, whose
+        kernel skips every 128×128 block that is wholly masked (the cross-sample blocks of a
+        packed row), where SDPA's dense mask computes them and throws them away
 Positions restart at 0 at each packed sample, so a packed sample sees exactly the RoPE angles it
 would see alone (the "document masking" of Krell et al. 2021, "Efficient Sequence Packing").
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from minivlm.ranges import check_ranges, one_of
 
@@ -100,14 +105,57 @@ def document_mask(document_ids: torch.Tensor, blocks: torch.Tensor | None = None
     return allowed[:, None]  # (B, 1, T, T)
 
 
+def document_block_mask(document_ids: torch.Tensor,
+                        blocks: torch.Tensor | None = None) -> BlockMask:
+    """`document_mask`'s rule as FlexAttention's BlockMask: the same pairs may attend."""
+    B, T = document_ids.shape
+
+    def may_attend(b, h, q, k):  # scalar indices; FlexAttention vmaps it over (B, H, T, T)
+        allowed = ((q >= k) & (document_ids[b, q] == document_ids[b, k])
+                   & (document_ids[b, k] > 0))
+        if blocks is not None:
+            allowed = allowed | ((blocks[b, q] == blocks[b, k]) & (blocks[b, q] > 0))
+        return allowed | (q == k)
+    return create_block_mask(may_attend, B, None, T, T, device=document_ids.device)
+
+
+def use_flex_attention(device: torch.device) -> bool:
+    """FlexAttention for a training forward on CUDA. Its backward has no CPU kernel (torch 2.14:
+    forward only), so CPUs keep SDPA's dense boolean mask."""
+    return device.type == "cuda"
+
+
+def is_ready_mask(mask) -> bool:
+    """A mask built here ((B, 1, T, S) boolean, or a BlockMask), not a (B, S) padding mask."""
+    return isinstance(mask, BlockMask) or (mask is not None and mask.dim() == 4)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Eager flex_attention is a slow reference; compiled, it is one fused block-sparse kernel.
+    return torch.compile(flex_attention)
+
+
+def attend(q, k, v, mask, enable_gqa: bool) -> torch.Tensor:
+    """(B, nh, T, hd) attention of q over k, v under `mask`: a BlockMask goes to FlexAttention,
+    anything else to SDPA. No mask and several queries means plain causal attention from
+    position 0: SDPA's fused causal kernel (a mask is built in every other case)."""
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa,
+                                          is_causal=mask is None and q.shape[2] > 1)
+
+
 def lm_attention(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  image_token_id: int, image_attention: str = "causal",
-                 document_ids: torch.Tensor | None = None):
+                 document_ids: torch.Tensor | None = None, flex: bool = False):
     """(mask, position_ids) to hand `Transformer.hidden_states` for these ids.
 
     `document_ids` (B, T), from a packed batch (data/packing.py): which sample each token belongs
     to, 0 = padding. Without packing, and with causal image attention (or no image in the batch),
     this is the padding mask itself and no positions: the Transformer's default path, unchanged.
+    `flex`: the mask as a BlockMask (`use_flex_attention`); a KV-cache prefill keeps the tensor.
     """
     is_image = input_ids == image_token_id  # (B, T)
     bidirectional = image_attention == "bidirectional" and bool(is_image.any())
@@ -117,4 +165,5 @@ def lm_attention(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         document_ids = (torch.ones_like(input_ids) if attention_mask is None
                         else attention_mask.long())
     blocks = image_blocks(is_image, document_ids) if bidirectional else None
-    return document_mask(document_ids, blocks), positions_in_documents(document_ids)
+    mask = (document_block_mask if flex else document_mask)(document_ids, blocks)
+    return mask, positions_in_documents(document_ids)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivlm.constants import IGNORE_INDEX
-from minivlm.models.attention_mask import ImageTokensConfig, lm_attention
+from minivlm.models.attention_mask import ImageTokensConfig, lm_attention, use_flex_attention
 from minivlm.models.generation import decode_steps
 from minivlm.models.image_positions import ImagePositions2D
 from minivlm.models.seg_head import SegConfig, SegHead
@@ -172,19 +172,20 @@ class VLM(nn.Module):
         embeds = embeds.masked_scatter(is_image[..., None], image_rows.to(embeds.dtype))
         return embeds, patch_tokens
 
-    def lm_mask(self, input_ids, attention_mask, document_ids=None):
+    def lm_mask(self, input_ids, attention_mask, document_ids=None, flex=False):
         """(mask, position_ids) the LM attends with (attention_mask.py): the padding mask itself
         by default; a ready (B, 1, T, T) mask for packed rows (`document_ids`, data/packing.py)
-        or bidirectional image tokens."""
+        or bidirectional image tokens, as a FlexAttention BlockMask with `flex`."""
         return lm_attention(input_ids, attention_mask, self.config.image_token_id,
-                            self.config.image_tokens.attention, document_ids)
+                            self.config.image_tokens.attention, document_ids, flex)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, masks=None,
                 seg_tile_index=None, document_ids=None) -> VLMOutput:
         """`document_ids` (B, T): a packed batch's sample number (1..N over the batch) of each
         token, 0 = padding; then `seg_tile_index` has one entry per sample, not per row."""
         embeds, patch_tokens = self.embed(input_ids, pixel_values)
-        mask, positions = self.lm_mask(input_ids, attention_mask, document_ids)
+        mask, positions = self.lm_mask(input_ids, attention_mask, document_ids,
+                                       flex=use_flex_attention(input_ids.device))
         hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
                                        position_ids=positions)
         # Next-token prediction: the hidden state at t predicts the label at t + 1. Only positions
