@@ -6,7 +6,7 @@
         causal, within one sample (document) only, never onto padding; with
         `ImageTokensConfig.attention="bidirectional"`, the tokens of one image also see each other
         (prefix-LM over the image, as PaliGemma does for its whole prefix)
-    ... on CUDA, in training (no KV cache) ─► the same rule as FlexAttention's BlockMask, whose
+    ... packed rows on CUDA, in training ─► the same rule as FlexAttention's BlockMask, whose
         kernel skips every 128×128 block that is wholly masked (the cross-sample blocks of a
         packed row), where SDPA's dense mask computes them and throws them away
 Positions restart at 0 at each packed sample, so a packed sample sees exactly the RoPE angles it
@@ -120,8 +120,8 @@ def document_block_mask(document_ids: torch.Tensor,
 
 
 def use_flex_attention(device: torch.device) -> bool:
-    """FlexAttention for a training forward on CUDA. Its backward has no CPU kernel (torch 2.14:
-    forward only), so CPUs keep SDPA's dense boolean mask."""
+    """FlexAttention for a packed training forward on CUDA. Its backward has no CPU kernel (torch
+    2.14: forward only), so CPUs keep SDPA's dense boolean mask."""
     return device.type == "cuda"
 
 

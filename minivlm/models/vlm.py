@@ -184,8 +184,9 @@ class VLM(nn.Module):
         """`document_ids` (B, T): a packed batch's sample number (1..N over the batch) of each
         token, 0 = padding; then `seg_tile_index` has one entry per sample, not per row."""
         embeds, patch_tokens = self.embed(input_ids, pixel_values)
-        mask, positions = self.lm_mask(input_ids, attention_mask, document_ids,
-                                       flex=use_flex_attention(input_ids.device))
+        # Packed rows on CUDA: FlexAttention skips the cross-sample blocks (attention_mask.py).
+        flex = document_ids is not None and use_flex_attention(input_ids.device)
+        mask, positions = self.lm_mask(input_ids, attention_mask, document_ids, flex)
         hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
                                        position_ids=positions)
         # Next-token prediction: the hidden state at t predicts the label at t + 1. Only positions
