@@ -54,6 +54,8 @@ class Recipe:
     pretrain_steps: int = field(default=200, metadata=at_least(1))
     sft_steps: int = field(default=1200, metadata=at_least(1))
     seg_steps: int = field(default=100, metadata=at_least(1))
+    # every stage: batches of similar lengths (less padding: more real tokens a second)
+    group_by_length: bool = False
     pretrain_lr: float = field(default=1e-3, metadata=above(0))
     sft_lr: float = field(default=1e-3, metadata=above(0))
     seg_lr: float = field(default=1e-3, metadata=above(0))
@@ -104,7 +106,8 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
     they shape: image options to pretrain (the fresh model), seg options where the head joins."""
     # A rerun into the same --out-dir starts every stage over (the stages refuse this without it).
     common = ["--batch-size", str(r.batch_size), "--seed", str(seed), "--keep", "1",
-              "--log-every", "50", "--overwrite"]
+              "--log-every", "50", "--overwrite",
+              *(["--group-by-length"] if r.group_by_length else [])]
     seg_options = ["--seg-head", r.seg_head, "--seg-prompt", r.seg_prompt,
                    "--model-preset", r.model_preset]
     if r.seg_head == "sam":
