@@ -50,10 +50,10 @@ class Recipe:
     seg_scenes: int = field(default=8000, metadata=at_least(1))  # with referring masks
     vocab: int = field(default=640, metadata=at_least(300))
     model_preset: str = "demo"
-    batch_size: int = field(default=32, metadata=at_least(1))
-    pretrain_steps: int = field(default=200, metadata=at_least(1))
-    sft_steps: int = field(default=1200, metadata=at_least(1))
-    seg_steps: int = field(default=100, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    pretrain_steps: int = field(default=500, metadata=at_least(1))
+    sft_steps: int = field(default=1000, metadata=at_least(1))
+    seg_steps: int = field(default=40, metadata=at_least(1))
     # every stage: batches of similar lengths (less padding: more real tokens a second)
     group_by_length: bool = False
     pretrain_lr: float = field(default=1e-3, metadata=above(0))
