@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,14 +30,27 @@ import eval as evaluate_script
 import train_pretrain
 import train_seg
 import train_sft
-from minivlm.cli import add_config_args, config_from_args, set_config_defaults
+from minivlm.cli import (add_config_args, config_flags, config_from_args, config_values,
+                         set_config_defaults)
 from minivlm.data.shapes import ShapesConfig, generate
+from minivlm.devices import resolve_device
 from minivlm.errors import run_cli
 from minivlm.files import write_json_atomic
+from minivlm.models.attention_mask import ImageTokensConfig
+from minivlm.models.seg_head import SegConfig
+from minivlm.models.vision import VisionConfig
 from minivlm.ranges import above, at_least, check_ranges, one_of
-from minivlm.train.results import RESULTS_FILE
+from minivlm.demo_report import curves, results_table, stage_results
 from minivlm.train.stage import parse_args as parse_stage_args
 from minivlm.train_tokenizer import main as train_tokenizer
+
+# The model options' choices and flags belong to their configs; the demo only starts from other
+# defaults than a plain LLaVA / LISA model: those its ablations chose (README, "What matters at
+# small scale"). The dense prompt is one for SAM's decoder: the dot head has none.
+IMAGE_DEFAULTS = dict(attention="bidirectional", positions="2d")
+SAM_HEAD_DEFAULTS = dict(dense_prompt="similarity")
+SEG_OPTIONS = ("head", "prompt", "dense_prompt")  # the rest of SegConfig: the preset's sizes
+VISION_OPTIONS = ("stem",)  # the rest of VisionConfig: the preset's sizes
 
 
 @dataclass
@@ -65,26 +78,40 @@ class Recipe:
     sft_rates: str = "2,3,1"  # ReasonSeg : questions : captions in SFT (with masks from SFT)
     seg_rates: str = "3,1"  # ReasonSeg : questions in the seg stage
     seg_lora_r: int = field(default=8, metadata=at_least(0))  # 0 = the seg stage trains fully
-    # model options (minivlm/models/): how the LM sees image tokens, which head makes masks
-    image_attention: str = field(default="bidirectional",  # within one image
-                                 metadata=one_of("causal", "bidirectional"))
-    # "2d": learned row and column embeddings for the image tokens
-    image_positions: str = field(default="2d", metadata=one_of("none", "2d"))
-    # LISA's SAM-style decoder, or a dot-product baseline
-    seg_head: str = field(default="sam", metadata=one_of("sam", "dot"))
-    seg_prompt: str = field(default="predicting", metadata=one_of("predicting", "seg_token"))
-    # SAM's dense prompt: none (LISA) or SimilarityPrompt; the dot head has none
-    seg_dense_prompt: str = field(default="similarity", metadata=one_of("none", "similarity"))
-    eval_items: int = field(default=400, metadata=at_least(1))  # held-out questions
+    # model options (minivlm/models/), flags from their configs (parse_args): how the LM sees
+    # image tokens (--image-attention, --image-positions), and which head makes masks from which
+    # hidden state (--seg-head, --seg-prompt, --seg-dense-prompt: SEG_OPTIONS)
+    image: ImageTokensConfig = field(default_factory=lambda: ImageTokensConfig(**IMAGE_DEFAULTS))
+    seg: SegConfig = field(default_factory=lambda: SegConfig(**SAM_HEAD_DEFAULTS))
+    vision: VisionConfig = field(default_factory=VisionConfig)  # --vision-stem patch|conv
+    # > 0: the stage trains for about this many seconds instead of its steps (the first steps
+    # fix the count: train/time_budget.py); for comparing recipes at equal time (ablate.py).
+    # The demo's own default stays a step count: machine load must not change its results.
+    pretrain_seconds: float = field(default=0.0, metadata=at_least(0))
+    sft_seconds: float = field(default=0.0, metadata=at_least(0))
+    seg_seconds: float = field(default=0.0, metadata=at_least(0))
+    # answers reason before "### The final answer is:" (shapes_reasoning.py): the LM binds
+    # colour to kind in text ("The red shapes: the red circle.") before it answers
+    reasoning: bool = False
+    # validation during SFT on val.json: per-type accuracy and the perception probe, every N
+    # steps (TensorBoard, and results.json's "curves")
+    val_every: int = field(default=250, metadata=at_least(1))
+    val_items: int = field(default=200, metadata=at_least(1))
+    # held-out questions: 100 per type (10 types) gives each accuracy a standard error <= 0.05
+    eval_items: int = field(default=1000, metadata=at_least(1))
     seg_items: int = field(default=200, metadata=at_least(1))  # held-out referring masks
 
     def __post_init__(self):
         check_ranges(self)
 
 
+# The longest answer generated in eval and validation: a four-shape description or a reasoning
+# that lists four shapes, then the answer, with room to spare.
+ANSWER_TOKENS = 64
 # demo.py --quick: every stage in seconds, on the tiny "demo-quick" model.
 QUICK = dict(train_images=16, seg_scenes=6, vocab=360, model_preset="demo-quick", batch_size=4,
-             pretrain_steps=2, sft_steps=2, seg_steps=2, eval_items=8, seg_items=3)
+             pretrain_steps=2, sft_steps=2, seg_steps=2, eval_items=20, seg_items=3,
+             val_every=1, val_items=20)
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
@@ -93,12 +120,37 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--out-dir", "--out", dest="out_dir", default="runs/demo")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
-    add_config_args(parser, Recipe)
+    add_config_args(parser, Recipe)  # all but the model options, which are configs:
+    add_config_args(parser, ImageTokensConfig, "image", defaults=IMAGE_DEFAULTS)
+    add_config_args(parser, SegConfig, "seg", only=SEG_OPTIONS)
+    add_config_args(parser, VisionConfig, "vision", only=VISION_OPTIONS)
     args = parser.parse_args(argv)
-    if args.quick:  # the quick sizes become the defaults; a flag given explicitly still wins
+    # Defaults that hang on another flag; a flag given explicitly still wins on the second parse.
+    if args.quick:  # the quick sizes
         set_config_defaults(parser, "", QUICK)
-        args = parser.parse_args(argv)
-    return args, config_from_args(args, Recipe)
+    if args.seg_head == "sam":
+        set_config_defaults(parser, "seg", SAM_HEAD_DEFAULTS)
+    args = parser.parse_args(argv)
+    image = config_from_args(args, ImageTokensConfig, "image")
+    seg = config_from_args(args, SegConfig, "seg", only=SEG_OPTIONS)  # refuses a bad pairing
+    vision = config_from_args(args, VisionConfig, "vision", only=VISION_OPTIONS)
+    return args, config_from_args(args, Recipe, image=image, seg=seg, vision=vision)
+
+
+def recipe_record(r: Recipe, seed: int) -> dict:
+    """recipe.json: every choice under its flag's name (image_attention, seg_head, ...)."""
+    record = {f.name: getattr(r, f.name) for f in fields(r)
+              if f.name not in ("image", "seg", "vision")}
+    return dict(record, **config_values(r.image, "image"),
+                **config_values(r.seg, "seg", SEG_OPTIONS),
+                **config_values(r.vision, "vision", VISION_OPTIONS), seed=seed)
+
+
+def steps_or_budget(steps: int, seconds: float) -> list[str]:
+    """A stage's length: a step count, or a time budget (--max-steps then only caps it)."""
+    if seconds:
+        return ["--time-budget", str(seconds), "--max-steps", str(10 ** 6)]
+    return ["--max-steps", str(steps)]
 
 
 def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, list[str]]:
@@ -108,22 +160,23 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
     common = ["--batch-size", str(r.batch_size), "--seed", str(seed), "--keep", "1",
               "--log-every", "50", "--overwrite",
               *(["--group-by-length"] if r.group_by_length else [])]
-    seg_options = ["--seg-head", r.seg_head, "--seg-prompt", r.seg_prompt,
-                   "--model-preset", r.model_preset]
-    if r.seg_head == "sam":
-        seg_options += ["--seg-dense-prompt", r.seg_dense_prompt]
+    seg_options = [*config_flags(r.seg, "seg", SEG_OPTIONS), "--model-preset", r.model_preset]
     joint = r.mask_loss_from == "sft"
     sft_data = [f"{data}/reasonseg/train", f"{data}/sft.json", f"{data}/pretrain.json"]
     return {
         "pretrain": [
             "--data", f"{data}/pretrain.json", "--tokenizer", str(runs / "tokenizer"),
-            "--out-dir", str(runs / "pretrain"), "--max-steps", str(r.pretrain_steps),
+            "--out-dir", str(runs / "pretrain"),
+            *steps_or_budget(r.pretrain_steps, r.pretrain_seconds),
             "--lr", str(r.pretrain_lr), "--model-preset", r.model_preset,
-            "--image-attention", r.image_attention, "--image-positions", r.image_positions,
+            *config_flags(r.image, "image"), *config_flags(r.vision, "vision", VISION_OPTIONS),
             *common],
         "sft": [
             "--init-from", str(runs / "pretrain"), "--out-dir", str(runs / "sft"),
-            "--max-steps", str(r.sft_steps), "--lr", str(r.sft_lr), *common,
+            *steps_or_budget(r.sft_steps, r.sft_seconds), "--lr", str(r.sft_lr), *common,
+            # per-type accuracy and the perception probe on val.json: the demo's curves
+            "--val-data", f"{data}/val.json", "--eval-every", str(r.val_every),
+            "--val-limit", str(r.val_items), "--val-max-new-tokens", str(ANSWER_TOKENS),
             *(["--data", ",".join(sft_data), "--sample-rates", r.sft_rates, "--seg-enabled",
                *seg_options] if joint else ["--data", f"{data}/sft.json"])],
         # The seg stage adds the segmentation head (unless SFT did), sized by the preset.
@@ -131,7 +184,7 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
             "--init-from", str(runs / "sft"),
             "--data", f"{data}/reasonseg/train,{data}/sft.json",
             "--sample-rates", r.seg_rates, "--out-dir", str(runs / "seg"),
-            "--max-steps", str(r.seg_steps), "--lr", str(r.seg_lr),
+            *steps_or_budget(r.seg_steps, r.seg_seconds), "--lr", str(r.seg_lr),
             "--lora-r", str(r.seg_lora_r), *seg_options, *common],
     }
 
@@ -140,7 +193,7 @@ def main(argv=None) -> dict:
     args, recipe = parse_args(argv)
     out = Path(args.out_dir)
     data, runs = out / "data", out / "runs"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device())
     print(f"minivlm demo: device={device}, torch threads={torch.get_num_threads()}, out={out}")
     times: dict[str, float] = {}
 
@@ -157,7 +210,9 @@ def main(argv=None) -> dict:
     for name, script in stages.items():  # a bad recipe stops here, before any stage runs
         parse_stage_args(script.__doc__, commands[name])
     base = ShapesConfig.quick() if args.quick else ShapesConfig()
-    shapes = replace(base, num_train_images=recipe.train_images, num_seg_train=recipe.seg_scenes)
+    shapes = replace(base, num_train_images=recipe.train_images, num_seg_train=recipe.seg_scenes,
+                     num_val=recipe.val_items, num_test=recipe.eval_items,
+                     reasoning=recipe.reasoning)
     stage("data", generate, data, args.seed, shapes)
     stage("tokenizer", train_tokenizer, [
         "--data", f"{data}/pretrain.json,{data}/sft.json", "--vocab-size", str(recipe.vocab),
@@ -167,7 +222,7 @@ def main(argv=None) -> dict:
     vqa = stage("eval_vqa", evaluate_script.main, [
         "--vqa-json-path", f"{data}/eval.json", "--model-path", str(runs / "seg"),
         "--output-path", str(out / "eval_vqa.json"), "--limit", str(recipe.eval_items),
-        "--max-new-tokens", "48", "--batch-size", "50"])
+        "--max-new-tokens", str(ANSWER_TOKENS), "--batch-size", "50"])
     seg = stage("eval_seg", evaluate_script.main, [
         "--seg-dir", f"{data}/reasonseg/test", "--model-path", str(runs / "seg"),
         "--output-path", str(out / "eval_seg.json"), "--limit", str(recipe.seg_items),
@@ -175,46 +230,16 @@ def main(argv=None) -> dict:
     meta = json.loads((data / "meta.json").read_text())
     results = dict(device=device, seconds=times, vqa=vqa, seg=seg,
                    chance=meta["question_types"]["eval"], total_seconds=sum(times.values()),
-                   train={name: stage_results(runs / name) for name in stages})
-    write_json_atomic(out / "recipe.json", dict(asdict(recipe), seed=args.seed))
+                   train={name: stage_results(runs / name) for name in stages},
+                   curves=curves([runs / "sft", runs / "seg"]))
+    write_json_atomic(out / "recipe.json", recipe_record(recipe, args.seed))
     write_json_atomic(out / "results.json", results)
     print_table(results, out)
     return results
 
 
-def stage_results(run_dir: Path) -> dict:
-    """A stage's own results.json (train/results.py), cut to what the demo's table compares."""
-    results = json.loads((run_dir / RESULTS_FILE).read_text())
-    return dict(results.get("train", {}), tokens_per_s=results["tokens_per_s"],
-                seconds=results["seconds"]["steps"])
-
-
-def closed_chance(chance: dict) -> float:
-    """Expected accuracy of uniform guessing over the closed eval items."""
-    closed = [c for c in chance.values() if c["answer_type"] == "CLOSED"]
-    return sum(c["chance"] * c["count"] for c in closed) / max(1, sum(c["count"] for c in closed))
-
-
 def print_table(results: dict, out: Path) -> None:
-    vqa, seg, chance = results["vqa"], results["seg"], results["chance"]
-    number = lambda v: float("nan") if v is None else v  # noqa: E731
-    lines = ["", f"minivlm demo results (device: {results['device']})", "-" * 60,
-             f"{'held-out closed accuracy':34s}{number(vqa['closed_accuracy']):7.3f}"
-             f"   chance {closed_chance(chance):.3f}",
-             f"{'held-out open BERTScore F1':34s}{number(vqa['open_bertscore_f1']):7.3f}",
-             f"{'reasoning-seg gIoU':34s}{number(seg['giou']):7.3f}",
-             f"{'reasoning-seg cIoU':34s}{number(seg['ciou']):7.3f}",
-             f"{'[SEG] emitted unprompted':34s}{number(seg.get('seg_token_rate')):7.3f}",
-             "per question type                  acc   chance  majority"]
-    for name, value in vqa.get("per_question_type", {}).items():
-        c = chance.get(name, {})
-        lines.append(f"  {name:32s}{number(value['accuracy']):7.3f}  {number(c.get('chance')):7.3f}"
-                     f"  {number(c.get('majority')):7.3f}")
-    lines.append("-" * 60)
-    for name, seconds in results["seconds"].items():
-        lines.append(f"{name + ' (s)':34s}{seconds:7.0f}")
-    lines.append(f"{'total (s)':34s}{results['total_seconds']:7.0f}")
-    text = "\n".join(lines)
+    text = results_table(results)
     print(text)
     (out / "results.txt").write_text(text + "\n")
 

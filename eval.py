@@ -45,6 +45,7 @@ from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
 from minivlm.data.readers import read_chiron_eval
 from minivlm.data.reasonseg import read_reasonseg_dir
+from minivlm.devices import add_device_arg, resolve_device
 from minivlm.errors import run_cli
 from minivlm.eval.inference import mask_overlay
 from minivlm.eval.judge import REFERENCE_URL, Judge, JudgeConfig
@@ -77,8 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0,
                         help="evaluate only the first N items (0: all)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-path")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available), cpu, cuda:0, ...")
+    add_device_arg(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
     parser.add_argument("--save-examples", type=int, default=0, metavar="N",
                         help="segmentation: save mask PNGs and red overlays of the first N items")
@@ -187,8 +187,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.seg_dir or args.vqa_json_path}: no items to evaluate")
     judge = None if seg_mode else make_judge(args)
     bertscore = config_from_args(args, BertScoreConfig, "bertscore")
-    device = (("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-              else args.device)
+    device = str(resolve_device(args.device))
     # What changes the per-item results: a resumed run must not mix two of them.
     settings = {"mode": "seg" if seg_mode else "vqa",
                 "data": str(Path(args.seg_dir or args.vqa_json_path).resolve()),

@@ -37,8 +37,9 @@ def main(argv=None) -> dict:
         c = args.train_config
         val_samples = read_dataset(c.val_data, c.image_dir or None)[: args.val_limit]
 
-        def validate(m):
-            return vqa_metrics(m, tokenizer, val_samples)
+        def validate(m):  # closed accuracy per question type (and the shapes world's probe)
+            return vqa_metrics(m, tokenizer, val_samples,
+                               max_new_tokens=args.val_max_new_tokens)
     results = Trainer(model, tokenizer, train_set, args.train_config, env, run_config,
                       validate).fit()
     cleanup(env)

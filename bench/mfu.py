@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minivlm.devices import add_device_arg, resolve_device  # noqa: E402
 from minivlm.models.presets import MODEL_PRESETS  # noqa: E402
 from minivlm.models.transformer import PRESETS, Transformer, TransformerConfig  # noqa: E402
-from minivlm.train.trainer import param_groups, resolve_dtype  # noqa: E402
+from minivlm.train.config import param_groups, resolve_dtype  # noqa: E402
 
 DEMO_VOCAB = 640  # demo.py's default --vocab (a copy: demo.py is a script, not imported here)
 FORMULA = "model FLOPs/token = 6*N + 12*L*d*T (PaLM appendix B; N = matmul weights)"
@@ -211,7 +212,7 @@ def print_table(rows: list[dict], peak: float):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_arg(parser)
     parser.add_argument("--seq-len", type=int, help="default 256 on CPU, 1024 on CUDA")
     parser.add_argument("--batch-size", type=int, help="default per size and device (SIZES)")
     parser.add_argument("--steps", type=int, help="timed rounds; default 4 on CPU, 20 on CUDA")
@@ -228,8 +229,7 @@ def main():
     names = args.sizes.split(",")
     if unknown := [name for name in names if name not in SIZES]:
         parser.error(f"--sizes: unknown {unknown}; choose from {list(SIZES)}")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     on_cuda = device.type == "cuda"
     args.seq_len = args.seq_len or (1024 if on_cuda else 256)
     args.steps = args.steps or (20 if on_cuda else 4)

@@ -37,11 +37,12 @@ from minivlm.data.packing import PackedRows, collate_packed  # noqa: E402
 from minivlm.data.readers import read_dataset  # noqa: E402
 from minivlm.data.shapes import ShapesConfig, generate  # noqa: E402
 from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from minivlm.devices import add_device_arg, resolve_device  # noqa: E402
 from minivlm.models.build import build_vlm  # noqa: E402
 from minivlm.models.presets import preset_config  # noqa: E402
 from minivlm.train.batch_plan import BatchPlan  # noqa: E402
 from minivlm.train.distributed import init_distributed  # noqa: E402
-from minivlm.train.trainer import resolve_dtype  # noqa: E402
+from minivlm.train.config import resolve_dtype  # noqa: E402
 from minivlm.train_tokenizer import dataset_texts  # noqa: E402
 
 MODES = ("padded", "grouped", "packed")
@@ -168,11 +169,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per mode")
     parser.add_argument("--preset", default="demo", help="models/presets.py")
-    parser.add_argument("--device", default="auto")
+    add_device_arg(parser)
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     folder = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     generate(folder / "text", seed=0, config=ShapesConfig.quick())

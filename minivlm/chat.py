@@ -22,6 +22,7 @@ from PIL import Image
 from minivlm.constants import IMAGE_TOKEN
 from minivlm.data.images import ImageProcessor, load_image
 from minivlm.data.sample import Sample
+from minivlm.devices import add_device_arg, resolve_device
 from minivlm.errors import run_cli
 from minivlm.eval.inference import answer_samples, mask_overlay, segment_samples
 from minivlm.load import load_gguf, load_vlm
@@ -90,12 +91,13 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--prompt", help="one prompt; without it, prompts are read from stdin")
     parser.add_argument("--out-dir", default="chat_out", help="where mask PNGs are written")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(parser)
     args = parser.parse_args(argv)
     if args.gguf and args.image:
         parser.error("--image needs a VLM checkpoint (--model-path); --gguf is text only")
-    chat = (TextChat(args.gguf, args.device, args.max_new_tokens) if args.gguf
-            else VLMChat(args.model_path, args.device, args.image, args.max_new_tokens))
+    device = str(resolve_device(args.device))
+    chat = (TextChat(args.gguf, device, args.max_new_tokens) if args.gguf
+            else VLMChat(args.model_path, device, args.image, args.max_new_tokens))
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     answers = []
     for turn, prompt in enumerate(p for p in prompts if p):

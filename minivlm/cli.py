@@ -4,7 +4,8 @@
 the field's default and type; `config_from_args(args, VisionConfig, "vision")` builds it back,
 after checking each value against the range its field declares (minivlm/ranges.py), so a bad
 value stops the script at once with one line naming the flag. Booleans become `--flag` /
-`--no-flag`.
+`--no-flag`. `only=` takes a few of a config's fields (demo.py's three seg options), and
+`config_flags` turns a built config back into its flags, to hand it to another script.
 """
 from __future__ import annotations
 
@@ -23,15 +24,24 @@ def _dest(prefix: str, name: str) -> str:
     return (f"{prefix}_" if prefix else "") + name
 
 
+def _fields(config_class, only: tuple[str, ...] | None) -> list[dataclasses.Field]:
+    """The init fields of `config_class` (those in `only`, when given) that have flags."""
+    fields = [f for f in dataclasses.fields(config_class) if f.init]
+    if only is not None:
+        if unknown := set(only) - {f.name for f in fields}:
+            raise TypeError(f"{config_class.__name__} has no field {', '.join(sorted(unknown))}")
+        fields = [f for f in fields if f.name in only]
+    return fields
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_class, prefix: str = "",
-                    defaults: dict | None = None) -> None:
-    """One flag per init field of `config_class`; `defaults` overrides the dataclass defaults
-    (a stage script uses it to change, say, the learning rate it starts from)."""
+                    defaults: dict | None = None, only: tuple[str, ...] | None = None) -> None:
+    """One flag per init field of `config_class` (or of those in `only`); `defaults` overrides
+    the dataclass defaults (a stage script uses it to change, say, the learning rate it starts
+    from)."""
     hints = typing.get_type_hints(config_class)
     group = parser.add_argument_group(prefix or config_class.__name__)
-    for f in dataclasses.fields(config_class):
-        if not f.init:
-            continue
+    for f in _fields(config_class, only):
         if defaults and f.name in defaults:
             default = defaults[f.name]
         elif f.default is not dataclasses.MISSING:
@@ -56,18 +66,40 @@ def set_config_defaults(parser: argparse.ArgumentParser, prefix: str, values: di
     parser.set_defaults(**{_dest(prefix, name): value for name, value in values.items()})
 
 
-def checked_values(args: argparse.Namespace, config_class, prefix: str = "") -> dict:
+def checked_values(args: argparse.Namespace, config_class, prefix: str = "",
+                   only: tuple[str, ...] | None = None) -> dict:
     """The parsed values of `config_class`'s flags, each checked against its field's range."""
     values = {}
-    for f in dataclasses.fields(config_class):
-        if f.init and hasattr(args, _dest(prefix, f.name)):
+    for f in _fields(config_class, only):
+        if hasattr(args, _dest(prefix, f.name)):
             values[f.name] = getattr(args, _dest(prefix, f.name))
             check_value(_flag(prefix, f.name), values[f.name], f)
     return values
 
 
-def config_from_args(args: argparse.Namespace, config_class, prefix: str = "", **extra):
-    return config_class(**checked_values(args, config_class, prefix), **extra)
+def config_from_args(args: argparse.Namespace, config_class, prefix: str = "",
+                     only: tuple[str, ...] | None = None, **extra):
+    """`config_class` from its parsed flags; the fields without one (not in `only`, or in
+    `extra`) keep their defaults or take `extra`'s values."""
+    return config_class(**checked_values(args, config_class, prefix, only), **extra)
+
+
+def config_values(config, prefix: str = "", only: tuple[str, ...] | None = None) -> dict:
+    """A built config's values under its flags' argparse names: {"seg_head": "sam", ...}."""
+    return {_dest(prefix, f.name): getattr(config, f.name) for f in _fields(type(config), only)}
+
+
+def config_flags(config, prefix: str = "", only: tuple[str, ...] | None = None) -> list[str]:
+    """The command line that `add_config_args` parses back into `config` (these fields of it):
+    `["--seg-head", "sam", "--seg-prompt", "predicting"]`, a boolean as `--flag`/`--no-flag`."""
+    flags = []
+    for f in _fields(type(config), only):
+        value = getattr(config, f.name)
+        if isinstance(value, bool):  # BooleanOptionalAction's pair: --seg-enabled, --no-seg-enabled
+            flags.append(_flag(prefix, f.name) if value else "--no-" + _flag(prefix, f.name)[2:])
+        else:
+            flags += [_flag(prefix, f.name), str(value)]
+    return flags
 
 
 def underscore_aliases(argv: list[str]) -> list[str]:

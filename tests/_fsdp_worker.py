@@ -29,7 +29,8 @@ from minivlm.data.tokenizer import load_tokenizer
 from minivlm.models.build import build_vlm
 from minivlm.models.presets import preset_config
 from minivlm.train.distributed import barrier, cleanup, init_distributed
-from minivlm.train.trainer import Trainer, TrainConfig
+from minivlm.train.config import TrainConfig
+from minivlm.train.trainer import Trainer
 from minivlm.weights.checkpoint import LATEST
 
 STEPS, RESUME_AT = 4, 2

@@ -16,7 +16,7 @@ def test_demo_quick_runs_every_stage_and_writes_results(quick_demo):
     assert list(results["seconds"]) == ["data", "tokenizer", "pretrain", "sft", "seg",
                                         "eval_vqa", "eval_seg"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["vqa"]["num_items"] == 8 and saved["seg"]["num_items"] == 3
+    assert saved["vqa"]["num_items"] == 20 and saved["seg"]["num_items"] == 3
     assert 0.0 <= saved["seg"]["giou"] <= 1.0
     # each stage's own results.json, cut: the joint SFT stage (the default) trains masks too
     for stage in ("pretrain", "sft", "seg"):

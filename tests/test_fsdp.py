@@ -27,7 +27,7 @@ from minivlm.train.checkpoint import load_model_and_optimizer, load_optimizer_st
 from minivlm.train.distributed import DistributedEnv, init_distributed
 from minivlm.train.fsdp import load_fsdp_weights
 from minivlm.train.stage import parse_args
-from minivlm.train.trainer import TrainConfig
+from minivlm.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2

@@ -18,7 +18,7 @@ from minivlm.models.presets import MODEL_PRESETS, preset_config
 from minivlm.models.transformer import PRESETS, TransformerConfig
 from minivlm.ranges import field_range
 from minivlm.train.resume_report import resume_changes
-from minivlm.train.trainer import TrainConfig
+from minivlm.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FLAGS = ["--model-preset", "demo-quick", "--batch-size", "4", "--log-every", "1",

@@ -15,6 +15,8 @@ from PIL import Image
 from minivlm.data.readers import read_chiron_eval, read_dataset, read_llava_json, read_reasonseg_dir
 from minivlm.data.sample import check_sample
 from minivlm.data.shapes import ShapesConfig, generate, main
+from minivlm.data.shapes_questions import answer_space
+from minivlm.data.shapes_stats import population_answers
 from minivlm.data.shapes_scene import (BACKGROUND, COLOURS, SPLIT_PERCENT, describe_scene,
                                        scene_from_json, scene_key, shape_mask, split_of)
 
@@ -253,8 +255,17 @@ def test_meta_reports_chance_and_majority_per_type(dataset):
     assert stats["relation"]["chance"] == 0.5 and stats["extreme"]["chance"] == 1 / 12
     assert stats["describe"]["chance"] is None and stats["describe"]["answer_type"] == "OPEN"
     relation = [i["answer"] for i in items if i["question_type"] == "relation"]
-    assert (stats["relation"]["majority"]
+    assert (stats["relation"]["sample_majority"]
             == max(relation.count("yes"), relation.count("no")) / len(relation))
+    # The baseline is the generator's majority, from many draws: near 1/2 for a 50/50 question,
+    # whatever the few items written say; its shares are a distribution over the answer space.
+    population = population_answers(CONFIG, seed=0)
+    for name in ("exists", "relation", "multi_which"):
+        assert abs(stats[name]["majority"] - 0.5) < 0.05
+        drawn = population[name]
+        assert stats[name]["majority"] == drawn.most_common(1)[0][1] / sum(drawn.values())
+    assert sum(stats["count"]["answer_shares"].values()) == pytest.approx(1.0)
+    assert set(stats["count"]["answer_shares"]) <= set(answer_space("count", CONFIG.max_shapes))
     assert meta["image_size"] == SIZE and meta["seed"] == 0
 
 

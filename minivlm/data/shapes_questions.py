@@ -7,6 +7,9 @@ when two shapes are nearly level). Positions compare shape centres and demand a 
 
 Referring expressions for segmentation ("the shape with the same colour as the triangle")
 follow the same rule: one is only offered when exactly one shape fits it.
+
+Each question also carries a one-sentence reasoning (shapes_reasoning), used when the dataset is
+generated with ShapesConfig.reasoning; it is computed always and draws no random numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from minivlm.data.shapes_reasoning import (colour_members_reasoning, count_reasoning,
+                                           identity_reasoning, kind_count_reasoning,
+                                           left_to_right, order_reasoning, pair_count_reasoning,
+                                           pair_order_reasoning, pair_which_reasoning)
 from minivlm.data.shapes_scene import COLOURS, KINDS, Scene, Shape, describe_scene, shape_area
 
 DIRECTIONS = {  # name: (coordinate, sign), sign +1 means "larger coordinate wins"
@@ -31,6 +38,7 @@ class Question:
     answer: str
     question_type: str
     answer_type: str = "CLOSED"
+    reasoning: str = ""  # written before the final-answer marker; "" for open questions
 
 
 def margin(image_size: int) -> float:
@@ -42,10 +50,16 @@ def _unique(scene: Scene, **attributes: str) -> Shape | None:
     return found[0] if len(found) == 1 else None
 
 
+def ranked_along(scene: Scene, direction: str) -> list[Shape]:
+    """The shapes from the `direction` side inwards: for "left", the left-most first."""
+    coordinate, sign = DIRECTIONS[direction]
+    return sorted(scene, key=lambda s: sign * getattr(s, coordinate), reverse=True)
+
+
 def _extreme(scene: Scene, direction: str, image_size: int) -> Shape | None:
     """The shape furthest in `direction`, if it leads every other shape by the margin."""
     coordinate, sign = DIRECTIONS[direction]
-    ranked = sorted(scene, key=lambda s: sign * getattr(s, coordinate), reverse=True)
+    ranked = ranked_along(scene, direction)
     if len(ranked) < 2:
         return None
     lead = sign * (getattr(ranked[0], coordinate) - getattr(ranked[1], coordinate))
@@ -54,13 +68,15 @@ def _extreme(scene: Scene, direction: str, image_size: int) -> Shape | None:
 
 # ---------------------------------------------------------------------------- one-image questions
 def ask_count(rng: random.Random, scene: Scene, image_size: int) -> Question:
-    return Question("How many shapes are there?", str(len(scene)), "count")
+    return Question("How many shapes are there?", str(len(scene)), "count",
+                    reasoning=count_reasoning(scene))
 
 
 def ask_count_kind(rng: random.Random, scene: Scene, image_size: int) -> Question:
     kind = rng.choice(KINDS)
     return Question(f"How many {kind}s are there?",
-                    str(sum(s.kind == kind for s in scene)), "count_kind")
+                    str(sum(s.kind == kind for s in scene)), "count_kind",
+                    reasoning=kind_count_reasoning(scene, kind))
 
 
 def ask_colour(rng: random.Random, scene: Scene, image_size: int) -> Question | None:
@@ -68,7 +84,9 @@ def ask_colour(rng: random.Random, scene: Scene, image_size: int) -> Question | 
     if not kinds:
         return None
     kind = rng.choice(kinds)
-    return Question(f"What colour is the {kind}?", _unique(scene, kind=kind).colour, "colour")
+    shape = _unique(scene, kind=kind)
+    return Question(f"What colour is the {kind}?", shape.colour, "colour",
+                    reasoning=identity_reasoning(f"the {kind}", shape))
 
 
 def ask_kind(rng: random.Random, scene: Scene, image_size: int) -> Question | None:
@@ -76,8 +94,9 @@ def ask_kind(rng: random.Random, scene: Scene, image_size: int) -> Question | No
     if not colours:
         return None
     colour = rng.choice(colours)
-    return Question(f"What is the shape of the {colour} object?",
-                    _unique(scene, colour=colour).kind, "shape")
+    shape = _unique(scene, colour=colour)
+    return Question(f"What is the shape of the {colour} object?", shape.kind, "shape",
+                    reasoning=identity_reasoning(f"the {colour} object", shape))
 
 
 def ask_extreme(rng: random.Random, scene: Scene, image_size: int) -> Question | None:
@@ -85,7 +104,8 @@ def ask_extreme(rng: random.Random, scene: Scene, image_size: int) -> Question |
     if not options:
         return None
     direction, shape = rng.choice(options)
-    return Question(f"Which shape is {direction}-most?", shape.name, "extreme")
+    return Question(f"Which shape is {direction}-most?", shape.name, "extreme",
+                    reasoning=order_reasoning(direction, ranked_along(scene, direction)))
 
 
 def ask_relation(rng: random.Random, scene: Scene, image_size: int) -> Question | None:
@@ -102,8 +122,9 @@ def ask_relation(rng: random.Random, scene: Scene, image_size: int) -> Question 
     if not options:
         return None
     a, b, direction, answer = rng.choice(options)
+    first, second = (a, b) if answer == "yes" else (b, a)
     return Question(f"Is the {a.name} {RELATION_WORDS[direction]} the {b.name}?", answer,
-                    "relation")
+                    "relation", reasoning=pair_order_reasoning(direction, first, second))
 
 
 def ask_exists(rng: random.Random, scene: Scene, image_size: int) -> Question:
@@ -111,7 +132,8 @@ def ask_exists(rng: random.Random, scene: Scene, image_size: int) -> Question:
     absent = [f"{c} {k}" for k in KINDS for c in COLOURS if f"{c} {k}" not in present]
     answer = rng.choice(("yes", "no"))
     name = rng.choice(present if answer == "yes" else absent)
-    return Question(f"Is there a {name}?", answer, "exists")
+    return Question(f"Is there a {name}?", answer, "exists",
+                    reasoning=colour_members_reasoning(scene, name.split()[0]))
 
 
 def ask_describe(rng: random.Random, scene: Scene, image_size: int) -> Question:
@@ -126,16 +148,18 @@ SINGLE_IMAGE = {"count": ask_count, "count_kind": ask_count_kind, "colour": ask_
 # ---------------------------------------------------------------------------- two-image questions
 def ask_multi_count(rng: random.Random, scenes: tuple[Scene, Scene], image_size: int) -> Question:
     return Question("How many shapes are there in the two images together?",
-                    str(len(scenes[0]) + len(scenes[1])), "multi_count")
+                    str(len(scenes[0]) + len(scenes[1])), "multi_count",
+                    reasoning=pair_count_reasoning(scenes))
 
 
 def ask_multi_which(rng: random.Random, scenes: tuple[Scene, Scene],
                     image_size: int) -> Question | None:
     """"Which image has a circle?" for a property found in exactly one of the two images."""
-    def properties(scene: Scene) -> dict[str, str]:
-        kinds = {f"a {s.kind}": "kind" for s in scene}
-        colours = {f"a {s.colour} shape": "colour" for s in scene}
-        return kinds | colours | {f"a {s.name}": "name" for s in scene}
+    def properties(scene: Scene) -> dict[str, tuple[str, str]]:
+        """"a circle" -> ("kind", "circle"): the phrase and the attribute that has it."""
+        kinds = {f"a {s.kind}": ("kind", s.kind) for s in scene}
+        colours = {f"a {s.colour} shape": ("colour", s.colour) for s in scene}
+        return kinds | colours | {f"a {s.name}": ("name", s.name) for s in scene}
 
     first, second = properties(scenes[0]), properties(scenes[1])
     index = rng.randrange(2)  # pick the answer first so first/second are balanced
@@ -143,7 +167,12 @@ def ask_multi_which(rng: random.Random, scenes: tuple[Scene, Scene],
     options = [p for p in mine if p not in theirs]
     if not options:
         return None
-    return Question(f"Which image has {rng.choice(options)}?", ORDINALS[index], "multi_which")
+    phrase = rng.choice(options)
+    attribute, value = mine[phrase]
+    matches = tuple([s for s in left_to_right(scene) if getattr(s, attribute) == value]
+                    for scene in scenes)
+    return Question(f"Which image has {phrase}?", ORDINALS[index], "multi_which",
+                    reasoning=pair_which_reasoning(matches, phrase.split(" ", 1)[1]))
 
 
 TWO_IMAGE = {"multi_count": ask_multi_count, "multi_which": ask_multi_which}

@@ -37,6 +37,7 @@ from minivlm.data.batch import collate
 from minivlm.data.images import ImageProcessor
 from minivlm.data.readers import add_placeholders
 from minivlm.data.sample import Sample
+from minivlm.devices import resolve_device
 from minivlm.eval.inference import answer_samples, batches, encode_prompt
 from minivlm.eval.loop import prompt_length
 from minivlm.eval.text_metrics import extract_final_answer
@@ -65,18 +66,6 @@ def positive_int(value, name: str) -> int:
     if number < 1 or str(number) != str(value).strip():
         raise ValueError(f"minivlm: model_args {name} must be a positive integer, got {value!r}")
     return number
-
-
-def pick_device(device: str | None) -> torch.device:
-    """None or "auto": CUDA when there is one (eval.py's default), else the CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"minivlm: device {device!r} asked for, but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"minivlm: unknown device {device!r} (cpu, cuda, cuda:0, ...)") from None
 
 
 # ---------------------------------------------------------------------------- requests
@@ -145,7 +134,10 @@ class LmmsModel(lmms):
             raise ValueError("minivlm: run lmms-eval as one process (no accelerate or torchrun "
                              "launch): every process would answer every request")
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.device = pick_device(device)
+        try:
+            self.device = resolve_device(device)  # None: "auto", as eval.py's default
+        except ValueError as error:  # lmms-eval's log mixes every model's errors: say whose
+            raise ValueError(f"minivlm: {error}") from None
         self.model, self.tokenizer, _ = load_vlm(pretrained, device=self.device, merge_lora=True)
         self.model.eval()
         self.processor = ImageProcessor.for_tower(self.model.vision)

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from minivlm.data.sample import Sample
 from minivlm.eval.loop import EvalLoop, eval_mode, question_text
-from minivlm.eval.text_metrics import answers_match, bertscore_f1, extract_final_answer
+from minivlm.eval.scene_probe import records_probe
+from minivlm.eval.text_metrics import (answers_match, bertscore_f1, extract_final_answer,
+                                       normalize_answer)
 from minivlm.ranges import at_least, check_ranges
 
 # The Chiron-o1 reference's summary keys, spelled exactly as it writes them.
@@ -92,22 +94,51 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _group_stats(records: list[dict]) -> dict:
-    """Accuracy counts an answer without the marker as wrong; BERTScore averages parsed answers."""
+NO_MARKER = "(no final answer)"  # the answer column of an output without the marker
+
+
+def standard_error(accuracy: float | None, count: int) -> float | None:
+    """sqrt(p (1 - p) / n): the standard error of an accuracy measured on n independent items
+    (40 items at p = 0.5 is +-0.08: too coarse to tell two recipes apart)."""
+    if accuracy is None or count == 0:
+        return None
+    return (accuracy * (1 - accuracy) / count) ** 0.5
+
+
+def answer_distribution(records: list[dict]) -> dict[str, dict[str, int]]:
+    """{truth: {answer: count}}, answers normalised as they are scored: a model that says "yes"
+    whatever the truth shows as the same row twice."""
+    table: dict[str, dict[str, int]] = {}
+    for record in records:
+        truth = normalize_answer(record["ground_truth"])
+        answer = (normalize_answer(record["model_answer"]) if record["has_marker"]
+                  else NO_MARKER)
+        row = table.setdefault(truth, {})
+        row[answer] = row.get(answer, 0) + 1
+    return {truth: dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0])))
+            for truth, row in sorted(table.items())}
+
+
+def _group_stats(records: list[dict], with_answers: bool = False) -> dict:
+    """Accuracy counts an answer without the marker as wrong; BERTScore averages parsed answers.
+    `with_answers`: what was answered against the truth (closed questions of one type)."""
+    accuracy = _mean([float(r["correct"]) for r in records])
     stats = {"count": len(records), "with_marker": sum(r["has_marker"] for r in records),
-             "accuracy": _mean([float(r["correct"]) for r in records])}
+             "accuracy": accuracy, "standard_error": standard_error(accuracy, len(records))}
     f1 = [r["bertscore_f1"] for r in records if "bertscore_f1" in r]
     if f1:
         stats["bertscore_f1"] = _mean(f1)
+    if with_answers and all(r["answer_type"] == "CLOSED" for r in records):
+        stats["answer_distribution"] = answer_distribution(records)
     return stats
 
 
-def _by(records: list[dict], key: str) -> dict[str, dict]:
+def _by(records: list[dict], key: str, with_answers: bool = False) -> dict[str, dict]:
     groups: dict[str, list[dict]] = {}
     for record in records:
         if key in record:
             groups.setdefault(str(record[key]), []).append(record)
-    return {name: _group_stats(group) for name, group in sorted(groups.items())}
+    return {name: _group_stats(group, with_answers) for name, group in sorted(groups.items())}
 
 
 def summarize_vqa(records: list[dict]) -> dict:
@@ -130,7 +161,9 @@ def summarize_vqa(records: list[dict]) -> dict:
         "per_answer_type": per_answer_type,
     }
     if any("question_type" in r for r in records):
-        summary["per_question_type"] = _by(records, "question_type")
+        summary["per_question_type"] = _by(records, "question_type", with_answers=True)
+    if perception := records_probe(records):  # the shapes world's "Describe the image."
+        summary["perception"] = perception
     return summary
 
 
@@ -140,6 +173,8 @@ def flat_vqa_metrics(summary: dict) -> dict[str, float]:
             "marker_rate": summary["num_with_marker"] / max(summary["num_items"], 1),
             "closed_accuracy": summary["closed_accuracy"],
             "open_bertscore_f1": summary["open_bertscore_f1"]}
+    for attribute, accuracy in summary.get("perception", {}).items():
+        flat[f"perception/{attribute}"] = accuracy
     for question_type, stats in summary.get("per_question_type", {}).items():
         flat[f"accuracy/{question_type}"] = stats["accuracy"]
         if "bertscore_f1" in stats:

@@ -17,6 +17,7 @@ from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig
 from minivlm.models.dot_mask_head import DotProductMaskHead
 from minivlm.models.image_positions import ImagePositions2D
 from minivlm.models.seg_head import SegConfig, SegHead
+from minivlm.models.conv_stem import ConvStem
 from minivlm.models.transformer import Transformer
 from minivlm.models.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTower
 from minivlm.models.vlm import VLM, VLMConfig, build_projector
@@ -58,6 +59,8 @@ def build_vision_tower(config: VisionConfig, load_pretrained: bool = True) -> Vi
                          width=clip.visual.transformer.width)
     # Only the image tower is kept, and it returns every patch token, not only the pooled one.
     clip.visual.output_tokens = True
+    if config.stem == "conv":  # a fresh tower only (VisionConfig refuses it with pretrained)
+        clip.visual.conv1 = ConvStem(config.patch_size, config.width)
     return VisionTower(config, visual=clip.visual, mean=mean, std=std)
 
 

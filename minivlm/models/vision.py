@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from minivlm.ranges import at_least, check_ranges
+from minivlm.ranges import at_least, check_ranges, one_of
 
 # CLIP's normalisation (OpenAI); named open_clip models bring their own.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,11 +31,17 @@ class VisionConfig:
     layers: int = field(default=3, metadata=at_least(1))
     head_width: int = field(default=32, metadata=at_least(1))
     freeze: bool = False  # never trained, whatever --train says (train/trainable.py decides)
+    # "patch": the ViT's one strided convolution; "conv": a stem of 3x3 convolutions
+    # (conv_stem.py), which sees shapes' edges before the first attention layer
+    stem: str = field(default="patch", metadata=one_of("patch", "conv"))
     # > 1: dynamic tiling (InternVL), plus a thumbnail when tiled
     max_tiles: int = field(default=1, metadata=at_least(1))
 
     def __post_init__(self):
         check_ranges(self)
+        if self.stem == "conv" and self.pretrained:
+            raise ValueError("--vision-stem conv replaces the patch embedding, which "
+                             "--vision-pretrained would have loaded; use one of them")
 
 
 class VisionTower(nn.Module):

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from minivlm.devices import resolve_device
+
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -36,19 +38,13 @@ class DistributedEnv:
         return self.world_size > 1
 
 
-def _default_device(device_hint: str | torch.device | None) -> torch.device:
-    if device_hint is not None:
-        return torch.device(device_hint)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def init_distributed(ddp: bool, device_hint: str | torch.device | None = None) -> DistributedEnv:
     """Join torchrun's process group (ddp=True) or describe a single process (ddp=False).
 
-    device_hint picks the device type ("cuda", "cpu", ...); None means CUDA when available.
-    Under DDP on CUDA each process takes the GPU of its LOCAL_RANK.
+    device_hint picks the device type ("cuda", "cpu", ...); None or "auto" means CUDA when
+    available (minivlm/devices.py). Under DDP on CUDA each process takes the GPU of its LOCAL_RANK.
     """
-    device = _default_device(device_hint)
+    device = resolve_device(device_hint)
     if not ddp:
         return DistributedEnv(rank=0, local_rank=0, world_size=1, device=device)
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
@@ -93,6 +89,16 @@ def all_reduce_mean(value: float | torch.Tensor, env: DistributedEnv) -> float |
     total = torch.tensor(float(value), dtype=torch.float64, device=env.device)
     dist.all_reduce(total)
     return total.item() / env.world_size
+
+
+def broadcast_int(value: int, env: DistributedEnv) -> int:
+    """Rank 0's `value` on every rank (a decision only one rank may make, such as the step count
+    a time budget fixes from rank 0's clock)."""
+    if not env.distributed:
+        return value
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=env.device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def wrap_ddp(model: nn.Module, env: DistributedEnv,

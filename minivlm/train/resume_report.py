@@ -13,6 +13,9 @@ NO_EFFECT = "no effect on what is learned"
 CONSEQUENCES = {
     "max_steps": "the cosine schedule is rebuilt over {new} steps; the run continues from "
                  "step {step}",
+    "time_budget": "ignored once the probe has fixed the step count (the checkpoint's count "
+                   "stays); before that, the new budget fixes it",
+    "budget_probe_steps": "ignored once the probe has fixed the step count",
     "lr": "the learning rate follows the new schedule from step {step}",
     "min_lr": "the learning rate follows the new schedule from step {step}",
     "warmup_steps": "the learning rate follows the new schedule from step {step}",

@@ -41,7 +41,7 @@ from minivlm.ranges import above, at_least, between, check_ranges
 from minivlm.train.checkpoint import check_out_dir
 from minivlm.train.distributed import DistributedEnv, init_distributed
 from minivlm.train.trainable import set_trainable, trainable_table
-from minivlm.train.trainer import TrainConfig
+from minivlm.train.config import TrainConfig
 
 
 @dataclass
@@ -90,6 +90,8 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
                              "examples from the files in these proportions (LISA)")
     parser.add_argument("--val-limit", type=int, default=200,
                         help="validation items evaluated every --eval-every steps")
+    parser.add_argument("--val-max-new-tokens", type=int, default=64,
+                        help="longest validation answer (a reasoning or a description is long)")
     args = parser.parse_args(argv)
     presets = preset_overrides(args.model_preset, args.lm_preset)
     if presets:  # parse again with the presets' sizes as defaults, so explicit flags win
@@ -106,8 +108,10 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
                                  (ImageTokensConfig, "image")):
         checked_values(args, config_class, prefix)
     config_from_args(args, SegConfig, "seg")  # and the choices that go together (SegConfig)
-    if args.val_limit < 1:  # a plain flag, not a config field: its range is checked here
-        raise ValueError(f"--val-limit must be >= 1, got {args.val_limit}")
+    for flag, value in (("--val-limit", args.val_limit),
+                        ("--val-max-new-tokens", args.val_max_new_tokens)):
+        if value < 1:  # plain flags, not config fields: their ranges are checked here
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     return args
 
 
@@ -206,8 +210,7 @@ def start(args) -> DistributedEnv:
     c = args.train_config
     # Refuse a rerun into a finished run before minutes of loading (the Trainer checks again).
     check_out_dir(c.out_dir, c.resume, c.overwrite)
-    env = init_distributed(args.train_config.ddp, None if args.train_config.device == "auto"
-                           else args.train_config.device)
+    env = init_distributed(c.ddp, c.device)
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(args.train_config.seed)
     return env
@@ -222,8 +225,10 @@ def training_set(datasets: list, args, env: DistributedEnv, always_mix: bool = F
         return datasets[0]
     rates = ([float(r) for r in args.sample_rates.split(",")] if args.sample_rates
              else [1.0] * len(datasets))
+    # As many draws as the files hold examples (more steps go round again, in a new order):
+    # never a function of the step count, which --time-budget fixes only after the first steps.
     mixture = MixtureDataset(datasets, rates, seed=c.seed,
-                             length=max(sum(map(len, datasets)), c.max_steps * c.batch_size))
+                             length=max(sum(map(len, datasets)), c.batch_size * env.world_size))
     if env.is_main and (note := mixture.repeat_note(c.batch_size)):
         print(note)
     return mixture

@@ -12,7 +12,7 @@ import functools
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,86 +21,27 @@ from tqdm import tqdm
 
 from minivlm.data.batch import collate
 from minivlm.data.packing import PackedRows, collate_packed
-from minivlm.data.images import MAX_IMAGE_PIXELS
 from minivlm.models.vlm import VLMConfig
-from minivlm.ranges import above, at_least, check_ranges
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
 from minivlm.train.batch_plan import BatchPlan
 from minivlm.train.checkpoint import (check_out_dir, config_differences, load_model_and_optimizer,
                                       read_trainer_state, restore_rng, save_checkpoint)
-from minivlm.train.distributed import (DistributedEnv, all_reduce_mean, barrier, no_sync_if,
+from minivlm.train.config import TrainConfig, param_groups, resolve_dtype
+from minivlm.train.distributed import (DistributedEnv, barrier, broadcast_int, no_sync_if,
                                        wrap_ddp)
-from minivlm.train.fsdp import check_fsdp_flags, shard_model, unsharded
+from minivlm.train.fsdp import shard_model, unsharded
 from minivlm.train.resume_report import resume_changes
 from minivlm.train.results import write_results
 from minivlm.train.schedule import cosine_warmup_lr
+from minivlm.train.step_log import StepWindow, step_line
+from minivlm.train.time_budget import StepBudget
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
 from minivlm.weights.checkpoint import read_config, resolve_checkpoint
 
 
-@dataclass
-class TrainConfig:
-    data: str = ""  # training data file(s), comma-separated (any format readers.py knows)
-    image_dir: str = ""  # where image paths resolve ("" = each data file's folder)
-    val_data: str = ""
-    out_dir: str = "runs/sft"
-    init_from: str = ""  # a previous stage's checkpoint (weights + tokenizer)
-    resume: bool = False  # continue out_dir's latest checkpoint exactly
-    overwrite: bool = False  # start over in an out_dir that holds checkpoints (else refused)
-    train: str = "auto"  # parts to train: comma list of vision,projector,lm,seg or "auto"
-    max_steps: int = field(default=300, metadata=at_least(1))
-    batch_size: int = field(default=16, metadata=at_least(1))  # per process and micro-batch
-    grad_accum: int = field(default=1, metadata=at_least(1))
-    lr: float = field(default=1e-3, metadata=above(0))
-    min_lr: float = field(default=1e-4, metadata=at_least(0))
-    # may exceed max_steps: the LR then only ramps up
-    warmup_steps: int = field(default=20, metadata=at_least(0))
-    weight_decay: float = field(default=0.01, metadata=at_least(0))
-    grad_clip: float = field(default=1.0, metadata=at_least(0))  # 0 = no clipping
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on CUDA; CPU runs fp32)
-    device: str = "auto"
-    seed: int = field(default=0, metadata=at_least(0))
-    log_every: int = field(default=10, metadata=at_least(1))
-    eval_every: int = field(default=0, metadata=at_least(0))  # 0 = only at the end
-    save_every: int = field(default=0, metadata=at_least(0))  # 0 = only at the end
-    keep: int = field(default=2, metadata=at_least(0))  # step directories to keep (0 = all)
-    ddp: bool = False
-    zero1: bool = False
-    fsdp: bool = False  # with --ddp: shard parameters, gradients and AdamW state (fsdp.py)
-    grad_checkpoint: bool = False
-    compile: bool = False
-    group_by_length: bool = False
-    pack: bool = False  # several examples per row, up to max_seq_len (data/packing.py)
-    skip_bad: bool = False
-    num_workers: int = field(default=0, metadata=at_least(0))
-    preload_images: bool = True  # decode every image once up front (also validates them)
-    cache_image_features: bool = False  # frozen tower: encode every image once, up front
-    # larger images are refused before decoding (data/images.py)
-    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata=at_least(1))
-
-    def __post_init__(self):
-        check_ranges(self)
-        check_fsdp_flags(self)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights), not norms or biases (nanoGPT's rule)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-
-
 class Trainer:
     def __init__(self, model, tokenizer, train_set, config: TrainConfig, env: DistributedEnv,
-                 run_config: dict, validate=None):
+                 run_config: dict, validate=None, clock=None):
         self.config, self.env, self.tokenizer = config, env, tokenizer
         self.model = model.to(env.device)
         self.run_config = dict(run_config, train=asdict(config))
@@ -132,6 +73,12 @@ class Trainer:
                               pack_len=model.config.lm.max_seq_len if config.pack else 0,
                               names=train_set.sources() if config.pack else None)
         self.step = 0
+        # The step count: --max-steps, or the one --time-budget fixes after its probe steps
+        # (until then --max-steps caps the loop; the probe's LR does not depend on it).
+        self.max_steps = config.max_steps
+        self.budget = (StepBudget(config.time_budget, config.budget_probe_steps,
+                                  config.max_steps, clock) if config.time_budget else None)
+        self.curve: list[dict] = []  # every validation: step, training seconds, metrics
         self.out_dir = Path(config.out_dir)
         check_out_dir(self.out_dir, config.resume, config.overwrite)
         if config.resume:
@@ -151,6 +98,10 @@ class Trainer:
         state = read_trainer_state(ckpt)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        if self.budget is not None and state.get("budget"):
+            self.budget.load_state_dict(state["budget"])
+            self.max_steps = self.budget.steps or self.max_steps
+        self.curve = state.get("curve", [])
         restore_rng(ckpt, self.env)
         if self.env.is_main:
             print(f"resumed from {ckpt} at step {self.step}")
@@ -179,12 +130,15 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(
             self.out_dir, self.step, model=self.model, config=self.run_config,
-            tokenizer=self.tokenizer, trainer_state={"scaler": self.scaler.state_dict()},
+            tokenizer=self.tokenizer,
+            trainer_state={"scaler": self.scaler.state_dict(), "max_steps": self.max_steps,
+                           "curve": self.curve,
+                           "budget": self.budget.state_dict() if self.budget else None},
             optimizer=self.optimizer, env=self.env, keep=self.config.keep,
             sharded_optimizer=self.config.zero1 or self.config.fsdp)
 
     def fit(self) -> dict:
-        """Train to max_steps; returns the last logged scalars and validation metrics."""
+        """Train to the step count; returns the last logged scalars and validation metrics."""
         c, env = self.config, self.env
         writer = None
         if env.is_main:
@@ -194,18 +148,20 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # A progress bar on a terminal; in a log file, one line per --log-every steps instead.
         self.show_bar = env.is_main and sys.stderr.isatty()
-        progress = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_bar,
+        progress = tqdm(total=self.max_steps, initial=self.step, disable=not self.show_bar,
                         desc=self.out_dir.name, dynamic_ncols=True)
         self.started, self.start_step = time.time(), self.step
         totals = dict(tokens=0, images=0, seconds=0.0)  # optimizer steps only, for results.json
-        window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
-                      t0=time.time())
+        self.train_seconds = self.curve[-1]["seconds"] if self.curve else 0.0
+        window = StepWindow()
         results: dict = {}
         self.model.train()
-        while self.step < c.max_steps:
+        while self.step < self.max_steps:
             step_started = time.time()
+            if self.budget is not None:
+                self.budget.begin_step()
             lr = cosine_warmup_lr(self.step, max_lr=c.lr, warmup_steps=c.warmup_steps,
-                                  total_steps=c.max_steps, min_lr=c.min_lr)
+                                  total_steps=self.max_steps, min_lr=c.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(c.grad_accum):
@@ -216,30 +172,25 @@ class Trainer:
                                         enabled=self.dtype != torch.float32):
                         out = self.train_model(**batch)
                     self.scaler.scale(out.loss / c.grad_accum).backward()
-                window["loss"] += float(out.ce_loss) / c.grad_accum
-                if out.mask_bce is not None:  # mask losses average over batches that had masks
-                    window["bce"] += float(out.mask_bce)
-                    window["dice"] += float(out.mask_dice)
-                    window["masked"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["images"] += 0 if batch["pixel_values"] is None \
-                    else batch["pixel_values"].shape[0]
+                window.add_micro_batch(out, batch, c.grad_accum)
             self.scaler.unscale_(self.optimizer)
             grad_norm = clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             totals["seconds"] += time.time() - step_started
+            self.train_seconds += time.time() - step_started
             self.step += 1
-            window["n"] += 1
+            window.steps += 1
             progress.update(1)
-            if self.step % c.log_every == 0 or self.step == c.max_steps:
+            if self.budget is not None and (fixed := self._fixed_by_budget()):
+                progress.total = fixed
+            if self.step % c.log_every == 0 or self.step == self.max_steps:
                 results.update(self._log(window, lr, float(grad_norm), writer, progress))
-                totals["tokens"] += window["tokens"]
-                totals["images"] += window["images"]
-                window = dict(loss=0.0, bce=0.0, dice=0.0, masked=0, tokens=0, images=0, n=0,
-                              t0=time.time())
-            last = self.step == c.max_steps
+                totals["tokens"] += window.tokens
+                totals["images"] += window.images
+                window = StepWindow()
+            last = self.step == self.max_steps
             if self.validate is not None and ((c.eval_every and self.step % c.eval_every == 0)
                                               or last):
                 results.update(self._validate(writer))
@@ -249,40 +200,39 @@ class Trainer:
         if writer is not None:
             writer.close()
         if env.is_main:  # last of the run's files: a directory holding results.json is finished
+            extra = {"curve": self.curve}
+            if self.budget is not None:
+                extra["budget"] = self.budget.state_dict()
             write_results(self.out_dir, self.run_config["stage"], self.step, results, totals,
-                          time.time() - self.started, env.world_size)
+                          time.time() - self.started, env.world_size, extra)
         return results
 
-    def _log(self, window, lr, grad_norm, writer, progress) -> dict:
-        seconds = max(time.time() - window["t0"], 1e-9)
-        n = window["n"]
-        scalars = {"train/loss": all_reduce_mean(window["loss"] / n, self.env),
-                   "train/lr": lr, "train/grad_norm": grad_norm,
-                   "train/tokens_per_s": window["tokens"] * self.env.world_size / seconds,
-                   "train/images_per_s": window["images"] * self.env.world_size / seconds}
-        if self.model.seg_head is not None:
-            # Collectives on every rank, whether or not its own batches had masks.
-            masked = all_reduce_mean(float(window["masked"]), self.env)
-            bce = all_reduce_mean(window["bce"], self.env)
-            dice = all_reduce_mean(window["dice"], self.env)
-            if masked > 0:
-                scalars["train/mask_bce"], scalars["train/mask_dice"] = bce / masked, dice / masked
+    def _fixed_by_budget(self) -> int | None:
+        """The step count, on the step where the budget's probe fixes it (else None). Every
+        rank must stop on the same step: rank 0's count is broadcast."""
+        fixed = self.budget.end_step()
+        if fixed is None:
+            return None
+        fixed = int(broadcast_int(fixed, self.env))
+        self.budget.steps = self.max_steps = max(fixed, self.step)
+        if self.env.is_main:
+            tqdm.write(f"--time-budget {self.config.time_budget:g}s: "
+                       f"{self.budget.seconds_per_step:.3f} s/step over the first "
+                       f"{self.step} steps -> {self.max_steps} steps "
+                       f"(rerun exactly with --max-steps {self.max_steps})")
+        return self.max_steps
+
+    def _log(self, window: StepWindow, lr, grad_norm, writer, progress) -> dict:
+        scalars = window.scalars(lr, grad_norm, self.env, self.model.seg_head is not None)
         if writer is not None:
             for name, value in scalars.items():
                 writer.add_scalar(name, value, self.step)
             progress.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.1e}",
                                  tok_s=f"{scalars['train/tokens_per_s']:.0f}")
             if not self.show_bar:
-                elapsed = time.time() - self.started
-                steps_left = self.config.max_steps - self.step
-                eta = elapsed / max(1, self.step - self.start_step) * steps_left
-                mask = (f" bce {scalars['train/mask_bce']:.3f} "
-                        f"dice {scalars['train/mask_dice']:.3f}"
-                        if "train/mask_bce" in scalars else "")
-                print(f"{self.out_dir.name} step {self.step}/{self.config.max_steps} "
-                      f"loss {scalars['train/loss']:.3f}{mask} lr {lr:.1e} "
-                      f"{scalars['train/tokens_per_s']:.0f} tok/s "
-                      f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+                print(step_line(self.out_dir.name, self.step, self.max_steps, scalars,
+                                time.time() - self.started, self.step - self.start_step),
+                      flush=True)
         return scalars
 
     def _validate(self, writer) -> dict:
@@ -294,6 +244,10 @@ class Trainer:
                 self.model.train()
                 for name, value in metrics.items():
                     writer.add_scalar(name, value, self.step)
+                    # the same curve over training seconds: runs of unequal speed side by side
+                    writer.add_scalar(f"{name}@seconds", value, round(self.train_seconds))
+                self.curve.append(dict(step=self.step, seconds=self.train_seconds,
+                                       **{k[len("val/"):]: v for k, v in metrics.items()}))
                 tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.3f}"
                                                               for k, v in metrics.items()))
             barrier(self.env)
