@@ -9,7 +9,7 @@ runs `COMMAND ARGS --out-dir DIR/<variant>/seed<S> --seed S <the variant's flags
 combination of the --vary values (the first value of each is the baseline) and every seed, in
 this directory, each run's stdout and stderr going to DIR/<variant>/seed<S>/log.txt. Variant
 names, the grid and the statistics are minivlm/sweep.py's (`baseline`, `lr=3e-3`,
-`lr=3e-3,lm-num-layers=4`; mean ± sample std over seeds). A value `true` / `false` turns a switch
+`lr=3e-3+lm-num-layers=4`; mean ± sample std over seeds). A value `true` / `false` turns a switch
 on / off (`--compile` / `--no-compile`, or no flag when the command has no `--no-` form).
 `--one-at-a-time` runs, instead of the grid, the baseline and each other value of each flag alone:
 an ablation table with one change per row (README, "What matters at small scale").

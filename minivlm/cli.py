@@ -25,8 +25,11 @@ def _dest(prefix: str, name: str) -> str:
 
 
 def _fields(config_class, only: tuple[str, ...] | None) -> list[dataclasses.Field]:
-    """The init fields of `config_class` (those in `only`, when given) that have flags."""
-    fields = [f for f in dataclasses.fields(config_class) if f.init]
+    """The init fields of `config_class` (those in `only`, when given) that have flags: the
+    plain kinds add_config_args makes flags for."""
+    hints = typing.get_type_hints(config_class)
+    fields = [f for f in dataclasses.fields(config_class)
+              if f.init and hints[f.name] in (bool, int, float, str)]
     if only is not None:
         if unknown := set(only) - {f.name for f in fields}:
             raise TypeError(f"{config_class.__name__} has no field {', '.join(sorted(unknown))}")

@@ -48,7 +48,8 @@ def parse_vary(spec: str) -> tuple[str, list[str]]:
 
 
 def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+    # no commas: a run's directory goes into comma-separated --data lists (demo.py's)
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
 
 
 def variant_grid(vary: list[tuple[str, list[str]]], one_at_a_time: bool = False
@@ -69,7 +70,7 @@ def variant_grid(vary: list[tuple[str, list[str]]], one_at_a_time: bool = False
     for combination in combinations:
         changed = [f"{flag}={value}" for flag, value, base in zip(flags, combination, baseline)
                    if value != base]
-        name = safe_name(",".join(changed)) or BASELINE
+        name = "+".join(safe_name(change) for change in changed) or BASELINE
         variants.append(Variant(name, tuple(zip(flags, combination))))
     names = [v.name for v in variants]
     if len(set(names)) < len(names):

@@ -66,9 +66,11 @@ def test_grid_names_and_value_forms():
     assert parse_vary("sample-rates=6,3,1;1,1,1") == ("sample-rates", ["6,3,1", "1,1,1"])
     grid = variant_grid([("lr", ["1e-3", "3e-3"]), ("data", ["a/b.json", "c.json"])])
     assert [v.name for v in grid] == ["baseline", "data=c.json", "lr=3e-3",
-                                      "lr=3e-3,data=c.json"]
+                                      "lr=3e-3+data=c.json"]
     assert grid[0].flags == (("lr", "1e-3"), ("data", "a/b.json"))
     assert variant_grid([("data", ["x", "a/b"])])[1].name == "data=a_b"
+    # a directory name goes into comma-separated --data lists: never a comma in it
+    assert variant_grid([("sample-rates", ["1,1", "6,3,1"])])[1].name == "sample-rates=6_3_1"
     assert flatten({"a": 1, "b": {"c": 2.5, "d": "text", "e": True}, "f": float("nan")}) == {
         "a": 1.0, "b.c": 2.5}
 
@@ -77,7 +79,7 @@ def test_two_by_two_grid_table_matches_the_run_files(tmp_path, toy):
     out = tmp_path / "abl"
     summary = sweep(out, toy, "--seeds", "0,1", "--vary", "x=1,2", "--vary", "y=a,b",
                     "--jobs", "2")
-    names = ["baseline", "y=b", "x=2", "x=2,y=b"]
+    names = ["baseline", "y=b", "x=2", "x=2+y=b"]
     assert [row["variant"] for row in summary["variants"]] == names
     assert summary["failed_runs"] == 0
     assert len(calls(toy)) == 8
@@ -95,9 +97,9 @@ def test_two_by_two_grid_table_matches_the_run_files(tmp_path, toy):
             assert stat["n"] == 2
         assert rows[name]["wall_seconds"]["n"] == 2
     # loss = 10x + seed^2 + 0.5 [y=b]: seeds 0, 1 -> mean 10x + 0.5 (+0.5), sample std sqrt(0.5)
-    assert rows["x=2,y=b"]["metrics"]["train.loss"]["mean"] == pytest.approx(21.0)
-    assert rows["x=2,y=b"]["metrics"]["train.loss"]["std"] == pytest.approx(math.sqrt(0.5))
-    assert rows["x=2,y=b"]["metrics"]["train.loss"]["delta"] == pytest.approx(10.5)
+    assert rows["x=2+y=b"]["metrics"]["train.loss"]["mean"] == pytest.approx(21.0)
+    assert rows["x=2+y=b"]["metrics"]["train.loss"]["std"] == pytest.approx(math.sqrt(0.5))
+    assert rows["x=2+y=b"]["metrics"]["train.loss"]["delta"] == pytest.approx(10.5)
     assert rows["y=b"]["metrics"]["train.loss"]["delta"] == pytest.approx(0.5)
     assert rows["baseline"]["metrics"]["train.loss"]["delta"] is None
     assert rows["y=b"]["wall_seconds"]["delta"] == pytest.approx(
@@ -108,7 +110,7 @@ def test_two_by_two_grid_table_matches_the_run_files(tmp_path, toy):
     assert json.loads((out / "results.json").read_text()) == summary
     table = (out / "results.md").read_text()
     assert "| variant | runs | train.loss | val.acc |" in table
-    assert "| x=2,y=b | 2/2 | 21 ± 0.7071 (+10.5) |" in table
+    assert "| x=2+y=b | 2/2 | 21 ± 0.7071 (+10.5) |" in table
     assert json.loads((out / "sweep.json").read_text())["vary"] == [["x", ["1", "2"]],
                                                                     ["y", ["a", "b"]]]
 

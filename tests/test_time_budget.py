@@ -40,7 +40,8 @@ def test_budget_fixes_the_step_count_from_the_probe_steps():
         fixed.append(budget.end_step())
     # 2 s per step; 31 - 11 s of probe leaves 20 s = 10 more steps
     assert fixed == [None, None, None, 14]
-    assert budget.seconds_per_step == 2.0 and budget.steps == 14
+    assert budget.seconds_per_step == 2.0 and budget.steps is None
+    assert budget.fix(14) == 14 and budget.state_dict()["steps"] == 14
     budget.begin_step()
     assert budget.end_step() is None  # fixed once
 
@@ -84,6 +85,8 @@ def test_budgeted_run_is_reproduced_by_max_steps_and_kept_by_resume(
     for name, value in weights(tmp_path / "fixed").items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 
+    assert timed["budget"]["rerun"] == "--max-steps 12"
+
     # Stopped at step 8, resumed on a machine twice as slow: the recorded 12 steps stay.
     part = tmp_path / "part"
     pretrain(shapes_dir, tiny_tokenizer_dir, part, *budget, "--save-every", "8", "--keep", "0")
@@ -94,3 +97,15 @@ def test_budgeted_run_is_reproduced_by_max_steps_and_kept_by_resume(
     assert resumed["step"] == 12 and resumed["budget"]["steps"] == 12
     for name, value in weights(part).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    # ...and without --time-budget on the resume: the count its probe fixed still stays.
+    shutil.rmtree(part / "step_000012")
+    (part / "latest").write_text("step_000008")
+    plain = pretrain(shapes_dir, tiny_tokenizer_dir, part, "--max-steps", "100", "--resume")
+    assert plain["step"] == 12
+    # A budget added to a run that had none would time steps outside its warmup: refused.
+    pretrain(shapes_dir, tiny_tokenizer_dir, tmp_path / "plain", "--max-steps", "3",
+             "--save-every", "2", "--keep", "0")
+    shutil.rmtree(tmp_path / "plain" / "step_000003")
+    (tmp_path / "plain" / "latest").write_text("step_000002")
+    with pytest.raises(ValueError, match="without one"):
+        pretrain(shapes_dir, tiny_tokenizer_dir, tmp_path / "plain", *budget, "--resume")

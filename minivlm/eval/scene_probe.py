@@ -63,5 +63,7 @@ def describe_probe(pairs: list[tuple[str, str]]) -> dict[str, float]:
 
 def records_probe(records: list[dict]) -> dict[str, float]:
     """The probe over an eval's "describe" records (model_answer against ground_truth)."""
-    return describe_probe([(r["model_answer"], r["ground_truth"]) for r in records
+    # A description without the final-answer marker is still what the model saw: read it whole.
+    return describe_probe([(r["model_answer"] if r["has_marker"] else r.get("output", ""),
+                            r["ground_truth"]) for r in records
                            if r.get("question_type") == "describe"])

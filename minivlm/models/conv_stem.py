@@ -9,6 +9,8 @@ wide, so its kind (circle, square, triangle) lives in such edges.
 
     (N, 3, H, W) -> [3x3 conv stride 2 -> GELU] x log2(p) -> 1x1 conv -> (N, width, H/p, W/p)
 
+The paper puts BatchNorm after each 3x3; batches here are small and mix a few images per
+step, so the stem has none (a GELU only, as the ViT's own blocks use).
 It is swapped in for open_clip's `visual.conv1` by the builder (models/build.py), as gpt-fast
 swaps layers on a built model: open_clip's ViT does not know it is there.
 """
@@ -27,7 +29,8 @@ class ConvStem(nn.Module):
         num_layers = patch_size.bit_length() - 1  # log2(patch_size) stride-2 convolutions
         layers, channels = [], in_channels
         for k in range(num_layers):
-            # channels double towards width / 2 (the paper's stem ends at the ViT's width)
+            # channels double per layer and the last 3x3 has width / 2; the 1x1 then widens
+            # to the ViT's width (the paper's stem: 3x3 layers of rising width, then a 1x1)
             out = max(8, width >> (num_layers - k))
             layers += [nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1), nn.GELU()]
             channels = out

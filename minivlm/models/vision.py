@@ -39,6 +39,9 @@ class VisionConfig:
 
     def __post_init__(self):
         check_ranges(self)
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"--vision-stem conv halves the image per layer: --vision-patch-size "
+                             f"must be a power of two >= 2, got {self.patch_size}")
         if self.stem == "conv" and self.pretrained:
             raise ValueError("--vision-stem conv replaces the patch embedding, which "
                              "--vision-pretrained would have loaded; use one of them")

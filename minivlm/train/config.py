@@ -27,6 +27,9 @@ class TrainConfig:
     # checkpoint record it (time_budget.py). --max-steps then only caps it.
     time_budget: float = field(default=0.0, metadata=at_least(0))
     budget_probe_steps: int = field(default=10, metadata=at_least(2))
+    # draws of a --sample-rates mixture (with replacement); 0: max(examples, max_steps x batch),
+    # or under --time-budget the examples (the step count is not known yet when it is drawn)
+    mixture_draws: int = field(default=0, metadata=at_least(0))
     batch_size: int = field(default=16, metadata=at_least(1))  # per process and micro-batch
     grad_accum: int = field(default=1, metadata=at_least(1))
     lr: float = field(default=1e-3, metadata=above(0))
@@ -59,7 +62,7 @@ class TrainConfig:
     def __post_init__(self):
         check_ranges(self)
         check_fsdp_flags(self)
-        if self.time_budget and self.budget_probe_steps > max(self.warmup_steps, 1):
+        if self.time_budget and self.budget_probe_steps > self.warmup_steps:
             # During warmup the LR is max_lr * (step + 1) / warmup_steps whatever the step count,
             # so the timed steps are the same steps a rerun with --max-steps N takes.
             raise ValueError(f"--time-budget times the first --budget-probe-steps "

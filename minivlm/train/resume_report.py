@@ -16,6 +16,7 @@ CONSEQUENCES = {
     "time_budget": "ignored once the probe has fixed the step count (the checkpoint's count "
                    "stays); before that, the new budget fixes it",
     "budget_probe_steps": "ignored once the probe has fixed the step count",
+    "mixture_draws": "another mixture is drawn; " + DATA_ORDER,
     "lr": "the learning rate follows the new schedule from step {step}",
     "min_lr": "the learning rate follows the new schedule from step {step}",
     "warmup_steps": "the learning rate follows the new schedule from step {step}",

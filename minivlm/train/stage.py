@@ -90,7 +90,7 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
                              "examples from the files in these proportions (LISA)")
     parser.add_argument("--val-limit", type=int, default=200,
                         help="validation items evaluated every --eval-every steps")
-    parser.add_argument("--val-max-new-tokens", type=int, default=64,
+    parser.add_argument("--val-max-new-tokens", type=int, default=32,
                         help="longest validation answer (a reasoning or a description is long)")
     args = parser.parse_args(argv)
     presets = preset_overrides(args.model_preset, args.lm_preset)
@@ -225,10 +225,13 @@ def training_set(datasets: list, args, env: DistributedEnv, always_mix: bool = F
         return datasets[0]
     rates = ([float(r) for r in args.sample_rates.split(",")] if args.sample_rates
              else [1.0] * len(datasets))
-    # As many draws as the files hold examples (more steps go round again, in a new order):
-    # never a function of the step count, which --time-budget fixes only after the first steps.
+    examples = sum(map(len, datasets))
+    # Enough draws for every step to see new ones; under --time-budget the step count is not
+    # known yet, so as many as the files hold (results.json records the number for a rerun).
+    draws = c.mixture_draws or (examples if c.time_budget
+                                else max(examples, c.max_steps * c.batch_size))
     mixture = MixtureDataset(datasets, rates, seed=c.seed,
-                             length=max(sum(map(len, datasets)), c.batch_size * env.world_size))
+                             length=max(draws, c.batch_size * env.world_size))
     if env.is_main and (note := mixture.repeat_note(c.batch_size)):
         print(note)
     return mixture

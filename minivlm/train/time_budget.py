@@ -38,17 +38,22 @@ class StepBudget:
         self._started = self.clock()
 
     def end_step(self) -> int | None:
-        """Call after every optimizer step; returns the step count when it has just been fixed."""
+        """Call after every optimizer step; after the last probe step, returns the step count
+        (the caller then `fix`es it, so every rank takes rank 0's)."""
         if self.steps is not None:
             return None
         self.durations.append(self.clock() - self._started)
         if len(self.durations) < self.probe_steps:
             return None
-        per_step = sum(self.durations[1:]) / (len(self.durations) - 1)
         left = self.seconds - sum(self.durations)
+        per_step = self.seconds_per_step
         more = math.floor(left / per_step) if per_step > 0 else self.max_steps
-        self.steps = min(self.max_steps, self.probe_steps + max(0, more))
-        return self.steps
+        return min(self.max_steps, self.probe_steps + max(0, more))
+
+    def fix(self, steps: int) -> int:
+        """Record the count the run goes with (rank 0's, broadcast to every rank)."""
+        self.steps = steps
+        return steps
 
     @property
     def seconds_per_step(self) -> float | None:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minivlm.data.batch import collate
+from minivlm.data.mixture import MixtureDataset
 from minivlm.data.packing import PackedRows, collate_packed
 from minivlm.models.vlm import VLMConfig
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
@@ -41,7 +42,7 @@ from minivlm.weights.checkpoint import read_config, resolve_checkpoint
 
 class Trainer:
     def __init__(self, model, tokenizer, train_set, config: TrainConfig, env: DistributedEnv,
-                 run_config: dict, validate=None, clock=None):
+                 run_config: dict, validate=None):
         self.config, self.env, self.tokenizer = config, env, tokenizer
         self.model = model.to(env.device)
         self.run_config = dict(run_config, train=asdict(config))
@@ -77,8 +78,9 @@ class Trainer:
         # (until then --max-steps caps the loop; the probe's LR does not depend on it).
         self.max_steps = config.max_steps
         self.budget = (StepBudget(config.time_budget, config.budget_probe_steps,
-                                  config.max_steps, clock) if config.time_budget else None)
+                                  config.max_steps) if config.time_budget else None)
         self.curve: list[dict] = []  # every validation: step, training seconds, metrics
+        self.train_seconds = 0.0  # the optimizer steps' seconds since step 0 (resumes included)
         self.out_dir = Path(config.out_dir)
         check_out_dir(self.out_dir, config.resume, config.overwrite)
         if config.resume:
@@ -98,10 +100,16 @@ class Trainer:
         state = read_trainer_state(ckpt)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
-        if self.budget is not None and state.get("budget"):
-            self.budget.load_state_dict(state["budget"])
-            self.max_steps = self.budget.steps or self.max_steps
+        budget = state.get("budget")
+        if self.budget is not None and not budget and self.step > 0:
+            raise ValueError(f"{ckpt}: --time-budget times a run's first steps; this run is at "
+                             f"step {self.step} without one (resume it without --time-budget)")
+        if budget:  # the count its probe fixed stays, with or without --time-budget now
+            if self.budget is not None:
+                self.budget.load_state_dict(budget)
+            self.max_steps = budget["steps"] or self.max_steps
         self.curve = state.get("curve", [])
+        self.train_seconds = state.get("train_seconds", 0.0)
         restore_rng(ckpt, self.env)
         if self.env.is_main:
             print(f"resumed from {ckpt} at step {self.step}")
@@ -132,7 +140,7 @@ class Trainer:
             self.out_dir, self.step, model=self.model, config=self.run_config,
             tokenizer=self.tokenizer,
             trainer_state={"scaler": self.scaler.state_dict(), "max_steps": self.max_steps,
-                           "curve": self.curve,
+                           "curve": self.curve, "train_seconds": self.train_seconds,
                            "budget": self.budget.state_dict() if self.budget else None},
             optimizer=self.optimizer, env=self.env, keep=self.config.keep,
             sharded_optimizer=self.config.zero1 or self.config.fsdp)
@@ -152,7 +160,6 @@ class Trainer:
                         desc=self.out_dir.name, dynamic_ncols=True)
         self.started, self.start_step = time.time(), self.step
         totals = dict(tokens=0, images=0, seconds=0.0)  # optimizer steps only, for results.json
-        self.train_seconds = self.curve[-1]["seconds"] if self.curve else 0.0
         window = StepWindow()
         results: dict = {}
         self.model.train()
@@ -202,7 +209,7 @@ class Trainer:
         if env.is_main:  # last of the run's files: a directory holding results.json is finished
             extra = {"curve": self.curve}
             if self.budget is not None:
-                extra["budget"] = self.budget.state_dict()
+                extra["budget"] = dict(self.budget.state_dict(), rerun=self._rerun_flags())
             write_results(self.out_dir, self.run_config["stage"], self.step, results, totals,
                           time.time() - self.started, env.world_size, extra)
         return results
@@ -213,14 +220,20 @@ class Trainer:
         fixed = self.budget.end_step()
         if fixed is None:
             return None
-        fixed = int(broadcast_int(fixed, self.env))
-        self.budget.steps = self.max_steps = max(fixed, self.step)
+        self.max_steps = self.budget.fix(broadcast_int(fixed, self.env))
         if self.env.is_main:
             tqdm.write(f"--time-budget {self.config.time_budget:g}s: "
-                       f"{self.budget.seconds_per_step:.3f} s/step over the first "
-                       f"{self.step} steps -> {self.max_steps} steps "
-                       f"(rerun exactly with --max-steps {self.max_steps})")
+                       f"{self.budget.seconds_per_step:.3f} s/step over probe steps 2-"
+                       f"{self.config.budget_probe_steps} -> {self.max_steps} steps "
+                       f"(rerun exactly with {self._rerun_flags()})")
         return self.max_steps
+
+    def _rerun_flags(self) -> str:
+        """The flags that repeat this run without a clock (a mixture's draws were counted from
+        its files, not from the step count the rerun names)."""
+        mixed = isinstance(self.train_set, MixtureDataset)
+        return f"--max-steps {self.max_steps}" + (f" --mixture-draws {len(self.train_set)}"
+                                                  if mixed else "")
 
     def _log(self, window: StepWindow, lr, grad_norm, writer, progress) -> dict:
         scalars = window.scalars(lr, grad_norm, self.env, self.model.seg_head is not None)
@@ -245,7 +258,7 @@ class Trainer:
                 for name, value in metrics.items():
                     writer.add_scalar(name, value, self.step)
                     # the same curve over training seconds: runs of unequal speed side by side
-                    writer.add_scalar(f"{name}@seconds", value, round(self.train_seconds))
+                    writer.add_scalar(f"{name}@seconds", value, int(self.train_seconds * 1000))
                 self.curve.append(dict(step=self.step, seconds=self.train_seconds,
                                        **{k[len("val/"):]: v for k, v in metrics.items()}))
                 tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.3f}"
