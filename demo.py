@@ -2,9 +2,11 @@
 
     generate data -> train tokenizer -> pretrain -> SFT -> segmentation -> eval (VQA + seg)
 
-then a results table (closed accuracy beside chance, open BERTScore F1, gIoU, cIoU, wall time per
-stage, device) and example predictions with mask overlays, all under --out-dir (default
-runs/demo). Picks CUDA when present; otherwise the sizes are tuned for a 2-core CPU (about 10
+then a results table (closed accuracy beside chance, open BERTScore F1, gIoU, cIoU, per question
+type its accuracy ± standard error beside the generator's chance and majority, and what the
+model answered against the truth; what it sees, from its own scene descriptions; wall time per
+stage, device), the curves of SFT's validations (results.json "curves"; TensorBoard) and example
+predictions with mask overlays, all under --out-dir (default runs/demo). Picks CUDA when present; otherwise the sizes are tuned for a 2-core CPU (about 10
 minutes).
 
     python demo.py                          # the full run
@@ -15,6 +17,8 @@ Every choice of the recipe is a flag (the Recipe fields below), passed to the st
 so a sweep over recipes is one command (see "What matters at small scale" in the README):
 
     python ablate.py --out runs/abl --seeds 0,1 --vary seg-head=sam,dot -- python demo.py
+    python ablate.py --out runs/abl_t --seeds 0,1 --vary vision-stem=patch,conv -- \
+        python demo.py --pretrain-seconds 60 --sft-seconds 150 --seg-seconds 20  # equal time
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from minivlm.files import write_json_atomic
 from minivlm.models.attention_mask import ImageTokensConfig
 from minivlm.models.seg_head import SegConfig
 from minivlm.models.vision import VisionConfig
-from minivlm.ranges import above, at_least, check_ranges, one_of
+from minivlm.ranges import above, at_least, between, check_ranges, one_of
 from minivlm.demo_report import curves, results_table, stage_results
 from minivlm.train.stage import parse_args as parse_stage_args
 from minivlm.train_tokenizer import main as train_tokenizer
@@ -72,6 +76,7 @@ class Recipe:
     pretrain_lr: float = field(default=1e-3, metadata=above(0))
     sft_lr: float = field(default=1e-3, metadata=above(0))
     seg_lr: float = field(default=1e-3, metadata=above(0))
+    vision_lr_scale: float = field(default=1.0, metadata=above(0))  # the tower's LR: x this
     # "sft": the seg head joins in the SFT stage and masks train with the questions from there
     # on (--sft-rates mixes them); "seg": only the last stage learns masks (LISA's order)
     mask_loss_from: str = field(default="sft", metadata=one_of("sft", "seg"))
@@ -84,6 +89,13 @@ class Recipe:
     image: ImageTokensConfig = field(default_factory=lambda: ImageTokensConfig(**IMAGE_DEFAULTS))
     seg: SegConfig = field(default_factory=lambda: SegConfig(**SAM_HEAD_DEFAULTS))
     vision: VisionConfig = field(default_factory=VisionConfig)  # --vision-stem patch|conv
+    # The world's size is a knob (shapes_config.py): the tower is built for the world's images.
+    world_image_size: int = field(default=32, metadata=at_least(16))
+    world_max_shapes: int = field(default=4, metadata=between(3, 12))  # >= 3: relations stay
+    # sizes the preset sets, changed for an ablation (0 = the preset's): the ViT's patch side,
+    # and the projector's merge (2: 2x2 patches per image token, 16 tokens; 1: 64 tokens)
+    vision_patch_size: int = field(default=0, metadata=at_least(0))
+    projector_merge: int = field(default=0, metadata=at_least(0))
     # > 0: the stage trains for about this many seconds instead of its steps (the first steps
     # fix the count: train/time_budget.py); for comparing recipes at equal time (ablate.py).
     # The demo's own default stays a step count: machine load must not change its results.
@@ -158,7 +170,7 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
     they shape: image options to pretrain (the fresh model), seg options where the head joins."""
     # A rerun into the same --out-dir starts every stage over (the stages refuse this without it).
     common = ["--batch-size", str(r.batch_size), "--seed", str(seed), "--keep", "1",
-              "--log-every", "50", "--overwrite",
+              "--log-every", "50", "--overwrite", "--vision-lr-scale", str(r.vision_lr_scale),
               *(["--group-by-length"] if r.group_by_length else [])]
     seg_options = [*config_flags(r.seg, "seg", SEG_OPTIONS), "--model-preset", r.model_preset]
     joint = r.mask_loss_from == "sft"
@@ -170,6 +182,9 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
             *steps_or_budget(r.pretrain_steps, r.pretrain_seconds),
             "--lr", str(r.pretrain_lr), "--model-preset", r.model_preset,
             *config_flags(r.image, "image"), *config_flags(r.vision, "vision", VISION_OPTIONS),
+            "--vision-image-size", str(r.world_image_size),
+            *(["--vision-patch-size", str(r.vision_patch_size)] if r.vision_patch_size else []),
+            *(["--projector-merge", str(r.projector_merge)] if r.projector_merge else []),
             *common],
         "sft": [
             "--init-from", str(runs / "pretrain"), "--out-dir", str(runs / "sft"),
@@ -212,6 +227,7 @@ def main(argv=None) -> dict:
     base = ShapesConfig.quick() if args.quick else ShapesConfig()
     shapes = replace(base, num_train_images=recipe.train_images, num_seg_train=recipe.seg_scenes,
                      num_val=recipe.val_items, num_test=recipe.eval_items,
+                     image_size=recipe.world_image_size, max_shapes=recipe.world_max_shapes,
                      reasoning=recipe.reasoning)
     stage("data", generate, data, args.seed, shapes)
     stage("tokenizer", train_tokenizer, [

@@ -23,6 +23,18 @@ def test_demo_quick_runs_every_stage_and_writes_results(quick_demo):
         assert math.isfinite(saved["train"][stage]["loss"]) and saved["train"][stage]["loss"] > 0
         assert saved["train"][stage]["tokens_per_s"] > 0
     assert math.isfinite(saved["train"]["sft"]["mask_dice"])
+    # what the issue of trust asked for: per-type standard errors and answer tables, and curves
+    # of every type (two validations even in a quick run) and of the perception probe
+    per_type = saved["vqa"]["per_question_type"]
+    assert {"standard_error", "answer_distribution"} <= set(per_type["exists"])
+    assert sum(n for row in per_type["exists"]["answer_distribution"].values()
+               for n in row.values()) == per_type["exists"]["count"]
+    for name in per_type:
+        points = saved["curves"]["per_question_type"][name]
+        assert [p["step"] for p in points] == [1, 2] and points[1]["seconds"] > 0
+    assert set(saved["curves"]["perception"]) == {"count", "colour", "kind", "position",
+                                                  "shape", "pairs"}
+    assert "what it answered, by truth" in (tmp_path / "results.txt").read_text()
     recipe = json.loads((tmp_path / "recipe.json").read_text())
     assert recipe["mask_loss_from"] == "sft" and recipe["seed"] == 0
     assert "held-out closed accuracy" in (tmp_path / "results.txt").read_text()

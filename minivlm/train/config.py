@@ -37,6 +37,9 @@ class TrainConfig:
     # may exceed max_steps: the LR then only ramps up
     warmup_steps: int = field(default=20, metadata=at_least(0))
     weight_decay: float = field(default=0.01, metadata=at_least(0))
+    # the vision tower's LR is --lr times this (a tower trained from scratch may want more
+    # than the LM it feeds; a pretrained one less); 1 = one LR for every parameter
+    vision_lr_scale: float = field(default=1.0, metadata=above(0))
     grad_clip: float = field(default=1.0, metadata=at_least(0))  # 0 = no clipping
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on CUDA; CPU runs fp32)
     device: str = "auto"
@@ -79,8 +82,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights), not norms or biases (nanoGPT's rule)."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 vision_lr_scale: float = 1.0) -> list[dict]:
+    """Decay matrices (linear and embedding weights), not norms or biases (nanoGPT's rule). Each
+    group's "lr_scale" multiplies the scheduled LR; with a vision scale other than 1 the tower's
+    parameters get groups of their own."""
+    def split(params: list, lr_scale: float) -> list[dict]:
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay,
+                 "lr_scale": lr_scale},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0,
+                 "lr_scale": lr_scale}]
+
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    if vision_lr_scale == 1.0 or getattr(model, "vision", None) is None:
+        return split(trainable, 1.0)
+    tower = {id(p) for p in model.vision.parameters()}
+    return (split([p for p in trainable if id(p) not in tower], 1.0)
+            + split([p for p in trainable if id(p) in tower], vision_lr_scale))

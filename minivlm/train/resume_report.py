@@ -21,6 +21,7 @@ CONSEQUENCES = {
     "min_lr": "the learning rate follows the new schedule from step {step}",
     "warmup_steps": "the learning rate follows the new schedule from step {step}",
     "weight_decay": "applies from step {step}",
+    "vision_lr_scale": "the tower's learning rate changes from step {step}",
     "grad_clip": "applies from step {step}",
     "batch_size": "each step sees {new} examples per process; " + DATA_ORDER,
     "grad_accum": "each step averages {new} micro-batches; " + DATA_ORDER,

@@ -51,7 +51,7 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype, env.device)
         if config.fsdp:  # before the optimizer: the parameters become DTensor shards
             shard_model(self.model, env, self.dtype)
-        groups = param_groups(self.model, config.weight_decay)
+        groups = param_groups(self.model, config.weight_decay, config.vision_lr_scale)
         adamw = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
         self.optimizer = (ZeRO1(groups, torch.optim.AdamW, **adamw) if config.zero1
                           else torch.optim.AdamW(groups, **adamw))
@@ -170,7 +170,7 @@ class Trainer:
             lr = cosine_warmup_lr(self.step, max_lr=c.lr, warmup_steps=c.warmup_steps,
                                   total_steps=self.max_steps, min_lr=c.min_lr)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             for micro in range(c.grad_accum):
                 batch = self._to_device(next(batches))
                 # DDP: only the last micro-batch all-reduces, the others accumulate (FSDP: each).
