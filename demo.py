@@ -6,8 +6,8 @@ then a results table (closed accuracy beside chance, open BERTScore F1, gIoU, cI
 type its accuracy ± standard error beside the generator's chance and majority, and what the
 model answered against the truth; what it sees, from its own scene descriptions; wall time per
 stage, device), the curves of SFT's validations (results.json "curves"; TensorBoard) and example
-predictions with mask overlays, all under --out-dir (default runs/demo). Picks CUDA when present; otherwise the sizes are tuned for a 2-core CPU (about 10
-minutes).
+predictions with mask overlays, all under --out-dir (default runs/demo). Picks CUDA when
+present; otherwise the sizes are tuned for a 2-core CPU (under 10 minutes).
 
     python demo.py                          # the full run
     python demo.py --quick                  # a seconds-long smoke run of every stage (the tests)

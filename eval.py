@@ -54,6 +54,7 @@ from minivlm.eval.segmentation import ANSWER_MODES, iter_seg_batches, summarize_
 from minivlm.eval.vqa import BertScoreConfig, add_bertscore, iter_vqa_batches, summarize_vqa
 from minivlm.files import write_text_atomic
 from minivlm.load import load_vlm
+from minivlm.quant.swap import add_quantize_args, prepare_quantized
 from minivlm.weights.checkpoint import resolve_checkpoint
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-path")
     add_device_arg(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
+    add_quantize_args(parser)
     parser.add_argument("--save-examples", type=int, default=0, metavar="N",
                         help="segmentation: save mask PNGs and red overlays of the first N items")
     parser.add_argument("--examples-dir", help="default: <output-path without .json>_examples")
@@ -110,7 +112,7 @@ def make_judge(args: argparse.Namespace) -> Judge | None:
     return judge
 
 
-def load_model(path: str, device: str):
+def load_model(path: str, device: str, quantize: str = "", group_size: int = 64):
     resolve_checkpoint(path)  # its own one-line error for a folder that is not a checkpoint
     try:
         model, tokenizer, _ = load_vlm(path, device=device, merge_lora=True)
@@ -118,7 +120,7 @@ def load_model(path: str, device: str):
         detail = " ".join(str(error).split())[:200] or type(error).__name__
         raise ValueError(f"{path}: cannot load the checkpoint "
                          f"({type(error).__name__}: {detail})") from None
-    return model.eval(), tokenizer
+    return prepare_quantized(model.eval(), quantize, group_size), tokenizer
 
 
 def read_previous(path: Path, samples: list, settings: dict) -> dict[int, dict]:
@@ -194,10 +196,13 @@ def run(args: argparse.Namespace) -> dict:
                 "model_path": str(resolve_checkpoint(args.model_path).resolve()),
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
                 "matcher": f"judge:{judge.model}" if judge else "normalized_exact_match",
-                **({"seg_answer": args.seg_answer} if seg_mode else {})}
+                **({"seg_answer": args.seg_answer} if seg_mode else {}),
+                **({"quantize": f"{args.quantize}/{args.quantize_group_size}"}
+                   if args.quantize else {})}
     records = read_previous(output, samples, settings) if args.resume else {}
     todo = [i for i in range(len(samples)) if i not in records]
-    model, tokenizer = load_model(args.model_path, device)
+    model, tokenizer = load_model(args.model_path, device, args.quantize,
+                                  args.quantize_group_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     summarize = summarize_seg if seg_mode else summarize_vqa
     examples = Path(args.examples_dir or output.with_name(output.stem + "_examples"))

@@ -3,7 +3,7 @@
     python -m minivlm.chat --model-path runs/demo/runs/seg --image cat.png \
         --prompt "Segment the shape with the same colour as the triangle." --out-dir chat_out
     python -m minivlm.chat --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
-        --prompt "What is the capital of France?"
+        --prompt "What is the capital of France?" [--quantize int8|int4]
 
 Without --prompt it reads prompts line by line from standard input (one conversation, so earlier
 turns stay in context). For every [SEG] the answer contains, writes NAME_seg{k}_mask.png (white on
@@ -26,14 +26,16 @@ from minivlm.devices import add_device_arg, resolve_device
 from minivlm.errors import run_cli
 from minivlm.eval.inference import answer_samples, mask_overlay, segment_samples
 from minivlm.load import load_gguf, load_vlm
+from minivlm.quant.swap import add_quantize_args, prepare_quantized
 
 
 class VLMChat:
     """A conversation with a minivlm checkpoint: `ask` appends a turn and returns the answer."""
 
-    def __init__(self, model_path: str, device: str, image: str | None, max_new_tokens: int):
+    def __init__(self, model_path: str, device: str, image: str | None, max_new_tokens: int,
+                 quantize: str = "", group_size: int = 64):
         self.model, self.tokenizer, _ = load_vlm(model_path, device, merge_lora=True)
-        self.model.eval()
+        prepare_quantized(self.model.eval(), quantize, group_size)
         self.processor = ImageProcessor.for_tower(self.model.vision)
         self.images = [Path(image)] if image else []
         self.turns: list[dict] = []
@@ -62,9 +64,10 @@ class VLMChat:
 class TextChat:
     """A plain language model from a GGUF file: text in, text out, through our KV-cache generate."""
 
-    def __init__(self, gguf_path: str, device: str, max_new_tokens: int):
+    def __init__(self, gguf_path: str, device: str, max_new_tokens: int, quantize: str = "",
+                 group_size: int = 64):
         self.model, self.tokenizer = load_gguf(gguf_path)
-        self.model.to(device).eval()
+        prepare_quantized(self.model.to(device).eval(), quantize, group_size)
         self.turns: list[dict] = []
         self.max_new_tokens = max_new_tokens
 
@@ -92,12 +95,14 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--out-dir", default="chat_out", help="where mask PNGs are written")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_device_arg(parser)
+    add_quantize_args(parser)
     args = parser.parse_args(argv)
     if args.gguf and args.image:
         parser.error("--image needs a VLM checkpoint (--model-path); --gguf is text only")
     device = str(resolve_device(args.device))
-    chat = (TextChat(args.gguf, device, args.max_new_tokens) if args.gguf
-            else VLMChat(args.model_path, device, args.image, args.max_new_tokens))
+    quantize = (args.quantize, args.quantize_group_size)
+    chat = (TextChat(args.gguf, device, args.max_new_tokens, *quantize) if args.gguf
+            else VLMChat(args.model_path, device, args.image, args.max_new_tokens, *quantize))
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     answers = []
     for turn, prompt in enumerate(p for p in prompts if p):

@@ -19,7 +19,9 @@ from minivlm.lora import apply_lora, merge_and_unload
 from minivlm.models.build import build_vlm_from_config
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vlm import VLMConfig
-from minivlm.weights.checkpoint import (TOKENIZER_DIR, WEIGHTS_FILE, load_weights, read_config,
+from minivlm.quant.checkpoint import check_record, finish_lm, meta_lm, swap_in_empty
+from minivlm.weights.checkpoint import (RUN_CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE,
+                                         load_weights, read_config, read_weights,
                                          resolve_checkpoint)
 from minivlm.weights.gguf import read_gguf_checkpoint
 from minivlm.weights.gguf_tokenizer import tokenizer_from_metadata
@@ -29,20 +31,35 @@ def load_vlm(path, device: str | torch.device = "cpu", merge_lora: bool = False)
     """(model, tokenizer, run_config) from a checkpoint directory or a run's `latest`.
 
     A LoRA checkpoint is rebuilt with its adapters (so training can resume); `merge_lora` folds
-    them into plain weights instead, as the next stage or inference wants.
+    them into plain weights instead, as the next stage or inference wants. A quantised one
+    (config "quantize", minivlm/quant/checkpoint.py) comes back quantised, its LM built on the
+    meta device so that no fp32 copy of it is ever made; `merge_lora` then leaves its adapters
+    unmerged (beside the int8/int4 base, as QLoRA infers), and says so.
     """
     ckpt = resolve_checkpoint(path)
     run_config = read_config(ckpt)
+    config = VLMConfig.from_dict(run_config["model"])
+    quant = run_config.get("quantize")
+    if quant:
+        check_record(quant, str(ckpt / RUN_CONFIG_FILE))
     # The checkpoint holds every weight: none is fetched again. The config keeps naming where
     # the tower's weights first came from ("" = trained here from random).
-    model = build_vlm_from_config(VLMConfig.from_dict(run_config["model"]),
+    model = build_vlm_from_config(config, lm=meta_lm(config.lm) if quant else None,
                                   load_pretrained=False)
+    if quant:
+        swap_in_empty(model, quant)
     lora = run_config.get("lora")
     if lora:
         apply_lora(model.lm, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                    targets=lora["targets"])
-    load_weights(model, ckpt / WEIGHTS_FILE)
-    if lora and merge_lora:
+    if quant:  # the file's tensors become the model's (the LM has none of its own)
+        model.load_state_dict(read_weights(model, ckpt / WEIGHTS_FILE), assign=True)
+        finish_lm(model.lm)
+    else:
+        load_weights(model, ckpt / WEIGHTS_FILE)
+    if lora and merge_lora and quant:
+        print(f"{ckpt}: LoRA adapters kept unmerged: the base is {quant['scheme']}-quantised")
+    elif lora and merge_lora:
         merge_and_unload(model)
         run_config = dict(run_config, lora=None)
     tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR)

@@ -17,6 +17,8 @@ import re
 import torch
 import torch.nn as nn
 
+from minivlm.quant.swap import QUANTIZED_LAYERS
+
 # Shorthands accepted in `targets`, besides "all-linear", "projector" and "re:<regex>".
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -66,7 +68,8 @@ class LoRALinear(nn.Module):
 # ---- choosing and wrapping Linears ----------------------------------------------------------
 
 def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear a LoRA could wrap, by full module name.
+    """Every nn.Linear a LoRA could wrap, by full module name: quantised ones too (QLoRA: the
+    adapter trains in the compute dtype beside the frozen int8/int4 base, minivlm/quant/).
 
     Skips layers already inside a LoRALinear, and nn.MultiheadAttention's out_proj, whose weight
     torch reads directly (F.multi_head_attention_forward) so a wrapper would be bypassed.
@@ -74,7 +77,7 @@ def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     skip = tuple(f"{name}." for name, m in model.named_modules()
                  if isinstance(m, (LoRALinear, nn.MultiheadAttention)))
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not name.startswith(skip)}
+            if isinstance(m, (nn.Linear,) + QUANTIZED_LAYERS) and not name.startswith(skip)}
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -150,6 +153,10 @@ def _check_not_tied(model: nn.Module) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     for name, m in lora_modules(model).items():
+        if isinstance(m.base_layer, QUANTIZED_LAYERS):
+            raise ValueError(f"merge_lora: {name}'s base is {m.base_layer.scheme}-quantised; "
+                             "the update would be rounded away: keep the adapter unmerged, or "
+                             "load it onto the fp32 model")
         names = owners[id(m.base_layer.weight)]
         if len(names) > 1:
             raise ValueError(f"merge_lora: {name}'s weight is tied to {names}; merging would "

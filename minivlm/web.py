@@ -29,6 +29,7 @@ except ImportError:  # an optional extra: the core install stays light
 
 from minivlm.data.images import MAX_IMAGE_PIXELS  # noqa: E402 (after gradio's settings)
 from minivlm.devices import add_device_arg, resolve_device  # noqa: E402
+from minivlm.quant.swap import add_quantize_args  # noqa: E402
 from minivlm.errors import run_cli  # noqa: E402
 from minivlm.web_model import EXAMPLE_QUESTIONS, WebModel, write_example_images  # noqa: E402
 
@@ -100,13 +101,14 @@ def main(argv=None):
                         help="address to serve on (0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860)
     add_device_arg(parser)
+    add_quantize_args(parser)
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="larger images are refused from their header, undecoded")
     parser.add_argument("--max-file-size", default="20mb",
                         help="larger uploads are refused by the server (gradio's max_file_size)")
     args = parser.parse_args(argv)
     web_model = WebModel(args.model_path, str(resolve_device(args.device)),
-                         args.max_image_pixels)
+                         args.max_image_pixels, args.quantize, args.quantize_group_size)
     with tempfile.TemporaryDirectory(prefix="minivlm_web_") as examples_dir:
         page = build_page(web_model, write_example_images(examples_dir))
         # ssr_mode off: server-side rendering would need Node; mcp_server off: a page, no API.

@@ -22,6 +22,7 @@ from minivlm.data.shapes_scene import Shape, render
 from minivlm.errors import one_line
 from minivlm.eval.inference import mask_overlay, segment_samples, stream_answer
 from minivlm.load import load_vlm
+from minivlm.quant.swap import prepare_quantized
 
 # Questions in the synthetic world's own phrasing (data/shapes_questions.py, data/reasonseg.py).
 EXAMPLE_QUESTIONS = (
@@ -81,11 +82,12 @@ class WebModel:
     """A checkpoint ready to answer: `respond` is one request of the page."""
 
     def __init__(self, model_path: str, device: str = "cpu",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, quantize: str = "",
+                 quantize_group_size: int = 64):
         # LoRA adapters merged: inference wants plain weights (as chat and eval load them).
         self.model, self.tokenizer, self.run_config = load_vlm(model_path, device,
                                                                merge_lora=True)
-        self.model.eval()
+        prepare_quantized(self.model.eval(), quantize, quantize_group_size)
         self.processor = ImageProcessor.for_tower(self.model.vision)
         self.model_path = str(model_path)
         self.max_image_pixels = max_image_pixels

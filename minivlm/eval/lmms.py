@@ -42,6 +42,7 @@ from minivlm.eval.inference import answer_samples, batches, encode_prompt
 from minivlm.eval.loop import prompt_length
 from minivlm.eval.text_metrics import extract_final_answer
 from minivlm.load import load_vlm
+from minivlm.quant.swap import prepare_quantized
 
 MODEL_NAME = "minivlm"
 # Arguments lmms-eval passes to every model, used or not.
@@ -120,13 +121,15 @@ class LmmsModel(lmms):
     is_simple = True  # takes (context, visuals) requests, not chat messages
 
     def __init__(self, pretrained: str = "", device: str | None = None,
-                 batch_size: int | str = 8, **unknown):
+                 batch_size: int | str = 8, quantize: str = "",
+                 quantize_group_size: int | str = 64, **unknown):
         super().__init__()
         for name in HARNESS_ARGS:
             unknown.pop(name, None)
         if unknown:
             raise ValueError(f"minivlm: unknown model_args {', '.join(sorted(unknown))} "
-                             "(expected pretrained=PATH, device, batch_size)")
+                             "(expected pretrained=PATH, device, batch_size, quantize, "
+                             "quantize_group_size)")
         if not pretrained:
             raise ValueError("minivlm: model_args needs pretrained=PATH, a minivlm checkpoint "
                              "or run directory")
@@ -139,7 +142,9 @@ class LmmsModel(lmms):
         except ValueError as error:  # lmms-eval's log mixes every model's errors: say whose
             raise ValueError(f"minivlm: {error}") from None
         self.model, self.tokenizer, _ = load_vlm(pretrained, device=self.device, merge_lora=True)
-        self.model.eval()
+        # model_args quantize=int8|int4 (and quantize_group_size=), as eval.py's --quantize
+        prepare_quantized(self.model.eval(), quantize,
+                          positive_int(quantize_group_size, "quantize_group_size"))
         self.processor = ImageProcessor.for_tower(self.model.vision)
 
     def _sample(self, context: str, doc_to_visual, doc_id, task: str, split: str) -> Sample:

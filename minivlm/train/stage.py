@@ -37,6 +37,8 @@ from minivlm.models.seg_head import SegConfig
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig
 from minivlm.models.vlm import VLM, ProjectorConfig, VLMConfig
+from minivlm.quant.checkpoint import quant_record
+from minivlm.quant.swap import add_quantize_args, quantize_model
 from minivlm.ranges import above, at_least, between, check_ranges
 from minivlm.train.checkpoint import check_out_dir
 from minivlm.train.distributed import DistributedEnv, init_distributed
@@ -83,6 +85,7 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     add_config_args(parser, SegConfig, "seg")
     add_config_args(parser, ImageTokensConfig, "image")
     add_config_args(parser, LoRAConfig, "lora", defaults=lora_defaults)
+    add_quantize_args(parser)  # QLoRA: a frozen int8/int4 LM under the adapters (minivlm/quant/)
     parser.add_argument("--train-extra", dest="lora_train_extra", default=argparse.SUPPRESS,
                         help="alias of --lora-train-extra")
     parser.add_argument("--sample-rates", default="",
@@ -101,6 +104,9 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     args.train_config = config_from_args(args, TrainConfig)
     args.source = config_from_args(args, SourceConfig)
     args.lora_config = config_from_args(args, LoRAConfig, "lora")
+    if args.quantize and args.lora_config.r == 0:
+        raise ValueError(f"--quantize {args.quantize} freezes the LM's Linears: pass --lora-r N "
+                         "too, so that adapters train on the quantised base")
     # The model's flags become configs only in prepare_model (and never with --init-from):
     # check their ranges now, so a bad value stops the script before anything is loaded.
     for config_class, prefix in ((VisionConfig, "vision"), (ProjectorConfig, "projector"),
@@ -154,6 +160,10 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
         model = build_vlm(config, tokenizer, lm=lm)
     lora = args.lora_config
     run_config = {"stage": stage, "model": model.config.to_dict(), "lora": None}
+    if args.quantize:  # reference path: the packed kernels have no backward
+        quantize_model(model, args.quantize, args.quantize_group_size, kernels=False,
+                       verbose=env.is_main)
+        run_config["quantize"] = quant_record(args.quantize, args.quantize_group_size)
     if lora.r > 0:
         # Adapters go on the language model only, as LISA does (the mask decoder's attention
         # also has q_proj/k_proj/v_proj, but it trains fully when it trains at all).
