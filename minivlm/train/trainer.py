@@ -257,8 +257,9 @@ class Trainer:
                 self.model.train()
                 for name, value in metrics.items():
                     writer.add_scalar(name, value, self.step)
-                    # the same curve over training seconds: runs of unequal speed side by side
-                    writer.add_scalar(f"{name}@seconds", value, int(self.train_seconds * 1000))
+                    # the same curve over training time (milliseconds of optimizer steps, as
+                    # TensorBoard's x-axis is an integer): runs of unequal speed side by side
+                    writer.add_scalar(f"{name}@train_ms", value, int(self.train_seconds * 1000))
                 self.curve.append(dict(step=self.step, seconds=self.train_seconds,
                                        **{k[len("val/"):]: v for k, v in metrics.items()}))
                 tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.3f}"
