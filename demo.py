@@ -36,7 +36,8 @@ import train_seg
 import train_sft
 from minivlm.cli import (add_config_args, config_flags, config_from_args, config_values,
                          set_config_defaults)
-from minivlm.data.shapes import ShapesConfig, generate
+from minivlm.data.shapes.config import ShapesConfig
+from minivlm.data.shapes.generate import generate
 from minivlm.devices import resolve_device
 from minivlm.errors import run_cli
 from minivlm.files import write_json_atomic
@@ -89,7 +90,7 @@ class Recipe:
     image: ImageTokensConfig = field(default_factory=lambda: ImageTokensConfig(**IMAGE_DEFAULTS))
     seg: SegConfig = field(default_factory=lambda: SegConfig(**SAM_HEAD_DEFAULTS))
     vision: VisionConfig = field(default_factory=VisionConfig)  # --vision-stem patch|conv
-    # The world's size is a knob (shapes_config.py): the tower is built for the world's images.
+    # The world's size is a knob (data/shapes/config.py): the tower is built for the world's images.
     # Up to 3 shapes a scene on the CPU (its model sees kinds and places within the budget:
     # README, "What matters at small scale"); CUDA runs the harder world of 4 (CUDA_DEFAULTS).
     world_image_size: int = field(default=32, metadata=at_least(16))
@@ -104,7 +105,7 @@ class Recipe:
     pretrain_seconds: float = field(default=0.0, metadata=at_least(0))
     sft_seconds: float = field(default=0.0, metadata=at_least(0))
     seg_seconds: float = field(default=0.0, metadata=at_least(0))
-    # answers reason before "### The final answer is:" (shapes_reasoning.py): the LM binds
+    # answers reason before "### The final answer is:" (data/shapes/reasoning.py): the LM binds
     # colour to kind in text ("The red shapes: the red circle.") before it answers; at full
     # length +0.07 closed accuracy for 8% more SFT time (README, "What matters at small scale")
     reasoning: bool = True

@@ -18,13 +18,13 @@ from PIL import Image
 from minivlm.constants import IMAGE_TOKEN, SEG_TOKEN
 from minivlm.data.images import MAX_IMAGE_PIXELS, ImageProcessor, load_image
 from minivlm.data.sample import Sample, check_sample
-from minivlm.data.shapes_scene import Shape, render
+from minivlm.data.shapes.scene import Shape, render
 from minivlm.errors import one_line
 from minivlm.eval.inference import mask_overlay, segment_samples, stream_answer
 from minivlm.load import load_vlm
 from minivlm.quant.swap import prepare_quantized
 
-# Questions in the synthetic world's own phrasing (data/shapes_questions.py, data/reasonseg.py).
+# Questions in the synthetic world's own phrasing (data/shapes/questions.py, data/reasonseg.py).
 EXAMPLE_QUESTIONS = (
     "Which shape is a square? Please output segmentation mask.",
     "What colour is the circle?",
@@ -64,7 +64,7 @@ def write_example_images(out_dir: str | Path) -> list[Path]:
 
 def placeholder_prefix(num_images: int) -> str:
     """The `<image>` placeholders put before a question that has none, as the synthetic data
-    writes them (data/shapes.py: one image alone, two as "Image 1: ... Image 2: ...")."""
+    writes them (data/shapes/writers.py: one image alone, two as "Image 1: ... Image 2: ...")."""
     if num_images == 1:
         return f"{IMAGE_TOKEN}\n"
     return "".join(f"Image {i}: {IMAGE_TOKEN}\n" for i in range(1, num_images + 1))

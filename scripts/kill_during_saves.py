@@ -44,7 +44,8 @@ import open_clip  # noqa: E402, F401  imported once here, not in every child
 import torch.utils.tensorboard  # noqa: E402, F401  (the trainer imports it when it starts)
 
 import train_pretrain  # noqa: E402
-from minivlm.data.shapes import ShapesConfig, generate  # noqa: E402
+from minivlm.data.shapes.config import ShapesConfig  # noqa: E402
+from minivlm.data.shapes.generate import generate  # noqa: E402
 from minivlm.train.checkpoint import (load_optimizer_state, load_tensor_file,  # noqa: E402
                                       read_trainer_state)
 from minivlm.train.distributed import init_distributed  # noqa: E402

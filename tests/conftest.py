@@ -6,7 +6,8 @@ import torch
 
 import demo  # the top-level script (pytest runs from the repo root)
 
-from minivlm.data.shapes import ShapesConfig, generate
+from minivlm.data.shapes.config import ShapesConfig
+from minivlm.data.shapes.generate import generate
 from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece
 from minivlm.models.build import build_vlm
 from minivlm.models.presets import preset_config

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--model-preset", "demo-quick", "--batch-size", "4", "--log-every", "1"]
 ENTRY_POINTS = ["train_pretrain.py", "train_sft.py", "train_seg.py", "eval.py", "demo.py",
                 "minivlm/chat.py", "minivlm/convert.py", "minivlm/consolidate.py",
-                "minivlm/train_tokenizer.py", "minivlm/data/shapes.py"]
+                "minivlm/train_tokenizer.py", "minivlm/data/shapes/__main__.py"]
 
 
 def pretrain_argv(shapes_dir, tokenizer_dir, out, steps, *extra) -> list[str]:

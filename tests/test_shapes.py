@@ -1,7 +1,7 @@
 """The synthetic shapes world: deterministic, split by content, every answer true to the picture.
 
 The answer checks re-derive each answer from the stored ground-truth scene with logic written
-here, independently of shapes_questions.py, and the scenes are checked against the pixels.
+here, independently of data/shapes/questions.py, and the scenes are checked against the pixels.
 """
 
 import json
@@ -14,10 +14,11 @@ from PIL import Image
 
 from minivlm.data.readers import read_chiron_eval, read_dataset, read_llava_json, read_reasonseg_dir
 from minivlm.data.sample import check_sample
-from minivlm.data.shapes import ShapesConfig, generate, main
-from minivlm.data.shapes_questions import answer_space
-from minivlm.data.shapes_stats import population_answers
-from minivlm.data.shapes_scene import (BACKGROUND, COLOURS, SPLIT_PERCENT, describe_scene,
+from minivlm.data.shapes.config import ShapesConfig
+from minivlm.data.shapes.generate import generate, main
+from minivlm.data.shapes.questions import answer_space
+from minivlm.data.shapes.stats import population_answers
+from minivlm.data.shapes.scene import (BACKGROUND, COLOURS, SPLIT_PERCENT, describe_scene,
                                        scene_from_json, scene_key, shape_mask, split_of)
 
 CONFIG = ShapesConfig.quick()

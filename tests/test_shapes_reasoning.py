@@ -13,9 +13,10 @@ from dataclasses import replace
 import pytest
 
 from minivlm.constants import FINAL_ANSWER_PREFIX
-from minivlm.data.shapes import ShapesConfig, generate, main
-from minivlm.data.shapes_questions import ask_count_kind, ask_exists, ask_extreme, ask_relation
-from minivlm.data.shapes_scene import Shape
+from minivlm.data.shapes.config import ShapesConfig
+from minivlm.data.shapes.generate import generate, main
+from minivlm.data.shapes.questions import ask_count_kind, ask_exists, ask_extreme, ask_relation
+from minivlm.data.shapes.scene import Shape
 from minivlm.eval.text_metrics import extract_final_answer
 
 CONFIG = ShapesConfig.quick()

@@ -4,7 +4,7 @@ compared with the truth, attribute by attribute.
 A closed question mixes perception with reasoning ("Is there a red triangle?" needs the kind bound
 to the colour); the description does not. The shapes world describes a scene as "There are 3
 shapes: a red circle at the top left, a blue square in the centre and a green triangle at the
-bottom right." (shapes_scene.describe_scene), shapes left to right, so the i-th phrase of an
+bottom right." (data/shapes/scene.py describe_scene), shapes left to right, so the i-th phrase of an
 answer is compared with the i-th shape of the truth:
 
     count     the number of shapes the answer states (or lists), per scene
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from minivlm.data.shapes_scene import COLOURS, KINDS
+from minivlm.data.shapes.scene import COLOURS, KINDS
 
 SHAPE_PHRASE = re.compile(rf"\ban? ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) (?:at|in) the "
                           r"((?:top |bottom )?(?:left|right)|top|bottom|centre)\b")

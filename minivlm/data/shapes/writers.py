@@ -1,7 +1,7 @@
 """Writers for one split of the shapes world at a time: train (pretrain + SFT), eval, ReasonSeg.
 
 Each writer owns one random stream, named by its purpose ("train", "eval-val", "seg-test"), so
-changing one count never shifts another file's contents. shapes.py calls them in order and writes
+changing one count never shifts another file's contents. generate.py calls them in order and writes
 the JSON files and meta.json.
 """
 
@@ -12,9 +12,9 @@ import random
 from pathlib import Path
 
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN, SEG_TOKEN
-from minivlm.data.shapes_config import ShapesConfig
-from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, Question, referring_expressions
-from minivlm.data.shapes_scene import (Scene, caption_scene, render, sample_scene, scene_key,
+from minivlm.data.shapes.config import ShapesConfig
+from minivlm.data.shapes.questions import SINGLE_IMAGE, TWO_IMAGE, Question, referring_expressions
+from minivlm.data.shapes.scene import (Scene, caption_scene, render, sample_scene, scene_key,
                                        scene_to_json, split_of)
 
 PRETRAIN_PROMPTS = ("Write a short caption for the image.", "What is in the picture?")

@@ -1,6 +1,6 @@
 """ShapesConfig: the sizes and counts of the synthetic shapes world (see shapes.py).
 
-Its own file so that shapes.py (the dataset as a whole) and shapes_writers.py (one split at a
+Its own file so that generate.py (the dataset as a whole) and writers.py (one split at a
 time) can both import it without importing each other.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minivlm.data.shapes_scene import COLOURS, KINDS
+from minivlm.data.shapes.scene import COLOURS, KINDS
 from minivlm.ranges import at_least, between, check_ranges
 
 MOST_SHAPES = len(KINDS) * len(COLOURS)  # no two shapes in a scene share colour and kind

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from minivlm.data.shapes_questions import SINGLE_IMAGE, TWO_IMAGE, answer_space
-from minivlm.data.shapes_scene import sample_scene
+from minivlm.data.shapes.questions import SINGLE_IMAGE, TWO_IMAGE, answer_space
+from minivlm.data.shapes.scene import sample_scene
 
 POPULATION_DRAWS = 1000  # per closed question type: the majority share to +-0.016
 

@@ -12,7 +12,7 @@ turning the reasoning on leaves every scene, question and answer of a seed uncha
 
 from __future__ import annotations
 
-from minivlm.data.shapes_scene import Scene, Shape, join_words
+from minivlm.data.shapes.scene import Scene, Shape, join_words
 
 
 def the_shapes(shapes: list[Shape]) -> str:

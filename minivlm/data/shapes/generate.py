@@ -18,14 +18,14 @@ ordinary readers load them with no extra argument):
   reasonseg/{train,val,test}/NNNNNN.jpg + .json   ReasonSeg (LISA labelme) format
   meta.json              seed, config, counts, and per question type the number of possible
                          answers, chance (1 / that number) and the majority-answer baseline
-                         (see shapes_stats)
+                         (see stats.py)
 Extra keys ride along for analysis and tests: "question_type(s)", "scene(s)" (ground truth),
 "target" and "referring_types" (ReasonSeg). The same seed gives byte-identical files.
-A scene's split (train/val/test) depends only on its content: see shapes_scene.split_of.
+A scene's split (train/val/test) depends only on its content: see scene.split_of.
 
-The code, leaves first: shapes_scene (sampling, drawing, words), shapes_reasoning (the reasoning
-sentences), shapes_questions (questions and answers), shapes_config (ShapesConfig),
-shapes_writers (one split at a time), shapes_stats (meta.json's baselines); this file writes the
+The code, leaves first: scene (sampling, drawing, words), reasoning (the reasoning
+sentences), questions (questions and answers), config (ShapesConfig),
+writers (one split at a time), stats (meta.json's baselines); this file writes the
 whole dataset and owns the cache stamp.
 """
 
@@ -39,10 +39,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from minivlm.cli import add_config_args, config_from_args
-from minivlm.data.shapes_config import ShapesConfig
-from minivlm.data.shapes_stats import (population_answers, question_type_stats,
+from minivlm.data.shapes.config import ShapesConfig
+from minivlm.data.shapes.stats import (population_answers, question_type_stats,
                                       referring_type_counts)
-from minivlm.data.shapes_writers import write_eval, write_reasonseg, write_train
+from minivlm.data.shapes.writers import write_eval, write_reasonseg, write_train
 from minivlm.errors import run_cli
 
 GENERATOR = "minivlm.data.shapes"

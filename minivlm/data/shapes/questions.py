@@ -8,7 +8,7 @@ when two shapes are nearly level). Positions compare shape centres and demand a 
 Referring expressions for segmentation ("the shape with the same colour as the triangle")
 follow the same rule: one is only offered when exactly one shape fits it.
 
-Each question also carries a one-sentence reasoning (shapes_reasoning), used when the dataset is
+Each question also carries a one-sentence reasoning (reasoning.py), used when the dataset is
 generated with ShapesConfig.reasoning; it is computed always and draws no random numbers.
 """
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from minivlm.data.shapes_reasoning import (colour_members_reasoning, count_reasoning,
+from minivlm.data.shapes.reasoning import (colour_members_reasoning, count_reasoning,
                                            identity_reasoning, kind_count_reasoning,
                                            left_to_right, order_reasoning, pair_count_reasoning,
                                            pair_order_reasoning, pair_which_reasoning)
-from minivlm.data.shapes_scene import COLOURS, KINDS, Scene, Shape, describe_scene, shape_area
+from minivlm.data.shapes.scene import COLOURS, KINDS, Scene, Shape, describe_scene, shape_area
 
 DIRECTIONS = {  # name: (coordinate, sign), sign +1 means "larger coordinate wins"
     "left": ("cx", -1), "right": ("cx", +1), "top": ("cy", -1), "bottom": ("cy", +1)}
