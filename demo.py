@@ -181,6 +181,10 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
               "--log-every", "50", "--overwrite", "--vision-lr-scale", str(r.vision_lr_scale),
               *(["--group-by-length"] if r.group_by_length else [])]
     seg_options = [*config_flags(r.seg, "seg", SEG_OPTIONS), "--model-preset", r.model_preset]
+    # The long stages decode each of the world's images once up front and hold it (0.01 ms an
+    # item instead of 0.12: over 1,000+ steps of 16, more than the ~0.6 s a file it takes); the
+    # 40-step seg stage decodes per item. Both give the same batches (tests/test_lazy_data.py).
+    preload = ["--preload-images"]
     joint = r.mask_loss_from == "sft"
     sft_data = [f"{data}/reasonseg/train", f"{data}/sft.json", f"{data}/pretrain.json"]
     return {
@@ -193,10 +197,11 @@ def stage_commands(r: Recipe, data: Path, runs: Path, seed: int) -> dict[str, li
             "--vision-image-size", str(r.world_image_size),
             *(["--vision-patch-size", str(r.vision_patch_size)] if r.vision_patch_size else []),
             *(["--projector-merge", str(r.projector_merge)] if r.projector_merge else []),
-            *common],
+            *preload, *common],
         "sft": [
             "--init-from", str(runs / "pretrain"), "--out-dir", str(runs / "sft"),
-            *steps_or_budget(r.sft_steps, r.sft_seconds), "--lr", str(r.sft_lr), *common,
+            *steps_or_budget(r.sft_steps, r.sft_seconds), "--lr", str(r.sft_lr), *preload,
+            *common,
             # per-type accuracy and the perception probe on val.json: the demo's curves
             "--val-data", f"{data}/val.json", "--eval-every", str(r.val_every),
             "--val-limit", str(r.val_items), "--val-max-new-tokens", str(ANSWER_TOKENS),

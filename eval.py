@@ -14,6 +14,11 @@ Segmentation, on a ReasonSeg folder (NAME.jpg + NAME.json), with masks and overl
     python eval.py --seg-dir data/shapes/reasonseg/test --model-path runs/seg \
         --output-path seg.json --save-examples 8
 
+It scores both of LISA's protocols from one generation per item (--seg-answer both): "giou" and
+"ciou" from the masks of the model's own answer (as in chat), and "teacher_forced": {"giou",
+"ciou"} from LISA's validation, which feeds "Sure, it is [SEG]." (one more forward pass).
+--seg-answer generated or teacher_forced scores one of them, under "giou" and "ciou".
+
 The output file is a JSON list: one record per item, then the summary. The VQA summary starts with
 the reference's "CLOSED Questions Acc" and "OPEN   Questions BERTScore-F1", computed as its script
 does (over the items whose output has "### The final answer is:", whatever their answer_type), and
@@ -43,6 +48,7 @@ from PIL import Image
 from minivlm.constants import MASK_IGNORE
 from minivlm.cli import add_config_args, config_from_args, underscore_aliases
 from minivlm.data.images import load_image
+from minivlm.data.masks import decode_masks
 from minivlm.data.readers import read_chiron_eval
 from minivlm.data.reasonseg import read_reasonseg_dir
 from minivlm.devices import add_device_arg, resolve_device
@@ -83,12 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
     add_quantize_args(parser)
     parser.add_argument("--save-examples", type=int, default=0, metavar="N",
-                        help="segmentation: save mask PNGs and red overlays of the first N items")
+                        help="segmentation: save mask PNGs and red overlays of the first N items "
+                             "(the masks scored under giou: the own answer's, unless "
+                             "--seg-answer teacher_forced)")
     parser.add_argument("--examples-dir", help="default: <output-path without .json>_examples")
-    parser.add_argument("--seg-answer", choices=ANSWER_MODES, default="generated",
-                        help="segmentation: masks from the model's own answer (default, as in "
-                             "chat) or from LISA's fed-in \"Sure, it is [SEG].\" (LISA's "
-                             "validation)")
+    parser.add_argument("--seg-answer", choices=ANSWER_MODES, default="both",
+                        help="segmentation: masks from the model's own answer (generated, as in "
+                             "chat), from LISA's fed-in \"Sure, it is [SEG].\" (teacher_forced, "
+                             "LISA's validation), or both from one generation (default: giou/"
+                             "ciou are the own answer's, teacher_forced.giou/ciou LISA's)")
     parser.add_argument("--api-key",
                         help="judge API key (Chiron compatibility; prefer the environment "
                              "variable named by --judge-api-key-env: a flag shows in `ps`)")
@@ -222,7 +231,8 @@ def run(args: argparse.Namespace) -> dict:
                 records[record["index"]] = record
                 if seg_mode and record["index"] < args.save_examples:
                     sample = samples[record["index"]]
-                    save_example(examples, record, sample.images[0], masks[k], sample.masks)
+                    save_example(examples, record, sample.images[0], masks[k],
+                                 decode_masks(sample.masks))
             partial = summarize(list(records.values()))
             write_results(output, records, {**partial, "complete": False, "settings": settings})
             print(f"{len(records)}/{len(samples)} items", file=sys.stderr)
@@ -240,7 +250,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     summary = run(parse_args(argv))
-    scalars = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    scalars = {k: v for k, v in summary.items()
+               if not isinstance(v, (dict, list)) or k == "teacher_forced"}
     print(json.dumps(scalars, indent=1))
     return summary
 

@@ -2,11 +2,13 @@
 
     python bench/pack.py                          # demo model, both workloads, CPU or CUDA
     python bench/pack.py --examples 1000 --rounds 10 --json runs/pack.json
+    python bench/pack.py --rounds 16              # the README's figures (run on a quiet machine)
 
 Three ways to batch the same examples, each run through the trainer's own BatchPlan and collate:
   padded   random batches of --batch-size examples, padded to the longest (the default)
   grouped  --group-by-length: similar lengths share a batch, so less padding
-  packed   --pack: first-fit-decreasing rows of up to max_seq_len, block-diagonal causal mask
+  packed   --pack: first-fit-decreasing rows of up to max_seq_len, each sample attending only
+           to itself (CPU: one SDPA call per sample, DocumentSpans; CUDA: FlexAttention)
 A step is forward + loss + backward + AdamW step of a demo-preset VLM (models/presets.py), fp32 on
 CPU, bf16 autocast on CUDA. Packed steps take ceil(batch x mean length / max_seq_len) rows, so
 every mode sees about the same examples per step. The modes alternate step by step, so load from
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -173,6 +176,9 @@ def main(argv=None) -> dict:
     add_device_arg(parser)
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args(argv)
+    # Other programs' load slows every mode alike but makes each figure noisy: say what it was
+    # (the 1-minute load average before this run's own work adds to it).
+    load = os.getloadavg()[0]
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     folder = Path(tempfile.mkdtemp(prefix="bench_pack_"))
@@ -183,7 +189,8 @@ def main(argv=None) -> dict:
     args.pad_id = tokenizer.pad_id
     torch.manual_seed(0)
     model = build_vlm(preset_config(args.preset), tokenizer).to(device).train()
-    print(f"device {device} ({dtype}), {torch.get_num_threads()} threads, preset {args.preset}")
+    print(f"device {device} ({dtype}), {torch.get_num_threads()} threads, preset {args.preset}, "
+          f"load average {load:.1f} before the run")
     results = {}
     for name in filter(None, args.workloads.split(",")):
         items = (shapes_items(folder / "shapes", tokenizer, model, args.examples)

@@ -17,7 +17,7 @@ from minivlm.ranges import check_value, field_range
 
 
 def _flag(prefix: str, name: str) -> str:
-    return "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
+    return "--" + (f"{prefix}_" if prefix else "").replace("_", "-") + name.replace("_", "-")
 
 
 def _dest(prefix: str, name: str) -> str:

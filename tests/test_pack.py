@@ -22,7 +22,8 @@ from minivlm.data.packing import collate_packed, first_fit_decreasing
 from minivlm.data.sample import Sample
 from minivlm.data.tokenizer import load_tokenizer
 from minivlm.load import load_vlm
-from minivlm.models.attention_mask import ImageTokensConfig, is_ready_mask
+from minivlm.models.attention_mask import (DocumentSpans, ImageTokensConfig, document_mask,
+                                           image_blocks, is_ready_mask)
 from minivlm.models.build import build_vlm
 from minivlm.models.vlm import VLMConfig
 from minivlm.train.batch_plan import BatchPlan
@@ -127,6 +128,95 @@ def test_packed_batch_equals_padded_batch_per_sample_with_images_and_masks(token
         torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def dense_mask(model, batch):
+    """The rule itself as one dense (B, 1, T, T) mask: what every other layout must compute."""
+    ids = batch["input_ids"]
+    document_ids = batch.get("document_ids")
+    if document_ids is None:
+        document_ids = batch["attention_mask"].long()
+    bidirectional = model.config.image_tokens.attention == "bidirectional"
+    blocks = (image_blocks(ids == model.config.image_token_id, document_ids) if bidirectional
+              else None)
+    return document_mask(document_ids, blocks)
+
+
+ROWS = [(4, 0), (3, 1, 2)]  # the packed rows of samples(): two rows of unequal length
+
+
+def packed_items(tokenizer, model, tmp_path):
+    """(packed batch, padded batch, items) of samples()."""
+    dataset = ChatDataset(samples(tmp_path), tokenizer, ImageProcessor.for_tower(model.vision),
+                          model.image_tokens_per_tile, 512)
+    items = [dataset[i] for i in range(len(dataset))]
+    packed = collate_packed([[items[i] for i in row] for row in ROWS], tokenizer.pad_id)
+    return packed, collate(items, tokenizer.pad_id), items
+
+
+def hidden_and_grads(model, embeds, mask, positions):
+    """Final hidden states, and the gradients of a fixed random projection of them (so every
+    position and feature counts) with respect to the input embeddings and the LM's weights."""
+    model.zero_grad()
+    embeds = embeds.detach().requires_grad_()
+    hidden = model.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
+                                    position_ids=positions)
+    weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
+    (hidden * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.lm.named_parameters() if p.grad is not None}
+    return hidden.detach(), {"inputs_embeds": embeds.grad, **grads}
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_pack_document_spans_give_the_dense_masks_hidden_states_and_gradients(tokenizer, tmp_path,
+                                                                              attention):
+    """Packed rows on the CPU attend one sample at a time (DocumentSpans); the same numbers as
+    the dense mask over the whole row, forward and backward, with tiled and multiple images."""
+    model = make_model(tokenizer, attention)
+    packed, _, items = packed_items(tokenizer, model, tmp_path)
+    embeds, _ = model.embed(packed["input_ids"], packed["pixel_values"])
+    spans, positions = model.lm_mask(packed["input_ids"], packed["attention_mask"],
+                                     packed["document_ids"])
+    assert isinstance(spans, DocumentSpans)
+    # One span per sample in packed order, then the row's padding tail (its own block: a padding
+    # query sees only itself). Causal: every sample takes SDPA's fused causal kernel (mask None);
+    # bidirectional: a sample with an image carries its block of the dense mask.
+    T = packed["input_ids"].shape[1]
+    for b, row in enumerate(ROWS):
+        lengths = [len(items[i]["input_ids"]) for i in row]
+        tail = [T - sum(lengths)] if sum(lengths) < T else []
+        assert spans.lengths[b] == lengths + tail
+        fused = [attention == "causal" or not items[i]["pixel_values"] for i in row]
+        assert [mask is None for mask in spans.masks[b]] == fused + [False] * len(tail)
+    assert sum(map(len, spans.lengths)) == 6  # one row is padded
+    got_hidden, got_grads = hidden_and_grads(model, embeds, spans, positions)
+    want_hidden, want_grads = hidden_and_grads(model, embeds, dense_mask(model, packed), positions)
+    torch.testing.assert_close(got_hidden, want_hidden, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@torch.no_grad()
+def test_pack_document_spans_that_break_the_rule_change_what_the_next_sample_sees(tokenizer,
+                                                                                 tmp_path):
+    """The comparison above can fail: a span that joins two samples under plain causal attention
+    lets the second see the first; the first, which sees only itself either way, is unchanged."""
+    model = make_model(tokenizer, "causal").eval()
+    packed, _, _ = packed_items(tokenizer, model, tmp_path)
+    embeds, _ = model.embed(packed["input_ids"], packed["pixel_values"])
+    spans, positions = model.lm_mask(packed["input_ids"], packed["attention_mask"],
+                                     packed["document_ids"])
+    first, second, *rest = spans.lengths[1]
+    joined = DocumentSpans([spans.lengths[0], [first + second, *rest]],
+                           [spans.masks[0], [None, *spans.masks[1][2:]]])
+    right = model.lm.hidden_states(inputs_embeds=embeds, attention_mask=spans,
+                                   position_ids=positions)
+    wrong = model.lm.hidden_states(inputs_embeds=embeds, attention_mask=joined,
+                                   position_ids=positions)
+    torch.testing.assert_close(wrong[1, :first], right[1, :first])
+    assert (wrong[1, first:first + second] - right[1, first:first + second]).abs().amax() > 1e-3
+    torch.testing.assert_close(wrong[0], right[0])
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_pack_flex_attention_block_mask_gives_the_dense_masks_hidden_states(tokenizer, tmp_path,
@@ -135,26 +225,20 @@ def test_pack_flex_attention_block_mask_gives_the_dense_masks_hidden_states(toke
     also runs on CPU (eager), so its rule is checked here against the dense SDPA mask, packed and
     padded, with tiled, multiple and bidirectional images."""
     model = make_model(tokenizer, attention).eval()
-    dataset = ChatDataset(samples(tmp_path), tokenizer, ImageProcessor.for_tower(model.vision),
-                          model.image_tokens_per_tile, 512)
-    items = [dataset[i] for i in range(len(dataset))]
-    packed = collate_packed([[items[i] for i in row] for row in [(4, 0), (3, 1, 2)]],
-                            tokenizer.pad_id)
-    padded = collate(items, tokenizer.pad_id)
+    packed, padded, _ = packed_items(tokenizer, model, tmp_path)
     for batch in (packed, padded):
         embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"])
-        hidden = {}
-        for flex in (False, True):
-            mask, positions = model.lm_mask(batch["input_ids"], batch["attention_mask"],
-                                            batch.get("document_ids"), flex=flex)
-            if not is_ready_mask(mask):  # padded and causal: the padding mask itself
-                assert batch is padded and attention == "causal"
-                break
-            assert isinstance(mask, BlockMask) == flex
-            hidden[flex] = model.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
-                                                  position_ids=positions)
-        if hidden:
-            torch.testing.assert_close(hidden[True], hidden[False], atol=1e-5, rtol=1e-5)
+        mask, positions = model.lm_mask(batch["input_ids"], batch["attention_mask"],
+                                        batch.get("document_ids"), flex=True)
+        if not is_ready_mask(mask):  # padded and causal: the padding mask itself
+            assert batch is padded and attention == "causal"
+            continue
+        assert isinstance(mask, BlockMask)
+        flex = model.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask,
+                                      position_ids=positions)
+        dense = model.lm.hidden_states(inputs_embeds=embeds, position_ids=positions,
+                                       attention_mask=dense_mask(model, batch))
+        torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_batch_orders_images_masks_and_seg_tiles_in_packed_order(tokenizer, tmp_path):

@@ -11,7 +11,8 @@ from PIL import Image
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
 from minivlm.data.readers import (read_chiron_eval, read_dataset, read_llava_json,
                                   read_messages_jsonl)
-from minivlm.data.reasonseg import expand_referring_texts, read_reasonseg_dir
+from minivlm.data.masks import decode_mask
+from minivlm.data.reasonseg import LabelmeMask, expand_referring_texts, read_reasonseg_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -185,7 +186,9 @@ def test_reasonseg_mask_ignore_flag_and_clipping(tmp_path):
         {"label": "target", "points": square(10, 10, 12, 12)},
     ], text=("What should be cut out?",), is_sentence=True)
     first, second = read_reasonseg_dir(tmp_path)
-    mask = first.masks[0]
+    # Kept as the polygons until an item needs the mask (data/masks.py), then drawn.
+    assert isinstance(first.masks[0], LabelmeMask) and first.masks[0].shape == (30, 40)
+    mask = decode_mask(first.masks[0])
     assert mask.shape == (30, 40) and mask.dtype == np.uint8
     assert (mask[7, 7], mask[12, 12], mask[5, 20], mask[25, 8], mask[2, 35]) == (1, 255, 1, 0, 0)
     assert mask[10:15, 10:15].tolist() == [[255] * 5] * 5
@@ -199,7 +202,7 @@ def test_reasonseg_mask_ignore_flag_and_clipping(tmp_path):
     assert (first.meta["texts"] == ["the dark square", "that grey box"]
             and first.meta["task"] == "reason_seg")
 
-    mask = second.masks[0]
+    mask = decode_mask(second.masks[0])
     assert (mask[11, 11] == 1 and mask[0, 0] == 255 and mask[9, 9] == 255
             and set(np.unique(mask)) == {1, 255})
     assert second.turns[0]["content"] == ("<image>\nWhat should be cut out? "

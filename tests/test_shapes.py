@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minivlm.data.masks import decode_mask
 from minivlm.data.readers import read_chiron_eval, read_dataset, read_llava_json, read_reasonseg_dir
 from minivlm.data.sample import check_sample
 from minivlm.data.shapes.config import ShapesConfig
@@ -123,7 +124,7 @@ def test_reasonseg_masks_cover_the_target_colour(dataset):
         for sample in read_reasonseg_dir(dataset[f"reasonseg_{split}"]):
             scene = scene_from_json(sample.meta["scene"])
             target = next(s for s in scene if s.name == sample.meta["target"])
-            mask = sample.masks[0]
+            mask = decode_mask(sample.masks[0])
             assert np.array_equal(mask, shape_mask(target, SIZE))
             # JPEG: compare the interior, with slack
             image = np.asarray(Image.open(sample.images[0]), dtype=int)

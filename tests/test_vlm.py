@@ -7,7 +7,9 @@ from PIL import Image
 from conftest import tiny_vlm_config
 from minivlm.models.build import build_vlm
 from minivlm.data.batch import ChatDataset, collate, expand_image_tokens
-from minivlm.data.images import ImageProcessor, choose_grid, dynamic_tiles, num_tiles
+from minivlm.data.feature_cache import FeatureCache
+from minivlm.data.images import (ImageProcessor, choose_grid, dynamic_tiles, load_image,
+                                 num_tiles)
 from minivlm.data.sample import Sample
 from minivlm.data.tokenizer import load_tokenizer
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
@@ -176,8 +178,10 @@ def test_cached_tower_features_give_the_same_loss_as_pixels(tokenizer, tmp_path)
         {"role": "user", "content": "<image>\ncolour?"}, {"role": "assistant", "content": "blue"}])]
     processor = ImageProcessor.for_tower(model.vision)
     plain = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile, 512)
+    cache = FeatureCache(tmp_path / "cache", "tower",
+                         lambda path: model.vision(processor(load_image(path))))
     cached = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile, 512,
-                         image_encoder=model.vision)
+                         feature_cache=cache)
     batch_plain, batch_cached = (collate([d[0]], tokenizer.pad_id) for d in (plain, cached))
     assert batch_cached["pixel_values"].shape == (1, model.vision.num_patches, 32)
     with torch.no_grad():

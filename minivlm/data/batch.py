@@ -3,118 +3,185 @@
     Sample.turns ─► tokenizer.encode_chat ─► ids with one <image> id per placeholder, labels
     each <image> id ─► repeated (tiles x tokens-per-tile) times, labels -100 there
     Sample.images ─► load_image ─► ImageProcessor ─► (tiles, 3, S, S)
-Everything that can be checked is checked when the dataset is built (lengths, [SEG]/mask counts,
-and, when images are preloaded, every image decodes), so a bad record stops training before the
-first step, with its file and record index, instead of hours in.
+                   (or a frozen tower's patch tokens, from data/feature_cache.py)
+    Sample.masks ─► decode_mask (data/masks.py) ─► (H, W) uint8 each
+    a mask's image ─► SAM's image embedding (C, g, g), from the same cache (--seg-image-encoder sam)
+Everything that can be checked without decoding is checked when the dataset is built (image
+headers, lengths, [SEG]/mask counts: record_encoder.py), so a bad record stops training before the
+first step, with its file and record index, instead of hours in. The records are kept as flat
+arrays (record_store.py); an item's images and masks are decoded when the item is drawn, in the
+DataLoader's workers. `preload_images` decodes every distinct image once up front instead (a small
+set; it also proves that every image decodes). What only decoding finds follows `skip_bad`
+(late_skips.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from minivlm.constants import IGNORE_INDEX
-from minivlm.data.images import MAX_IMAGE_PIXELS, image_size, load_image
+from minivlm.data.feature_cache import FeatureCache
+from minivlm.data.images import MAX_IMAGE_PIXELS, load_image
+from minivlm.data.late_skips import record_late_skip, stand_in_order
+from minivlm.data.masks import decode_mask
+from minivlm.data.record_encoder import RecordEncoder
+from minivlm.data.record_store import PATH, RecordStore
 from minivlm.data.sample import Sample
 
 
-@dataclass
-class EncodedSample:
-    """A `Sample` after tokenisation: what the dataset keeps per item between epochs."""
-
-    input_ids: list[int]
-    labels: list[int]
-    images: list  # paths, or preloaded (tiles, 3, S, S) tensors
-    masks: list[np.ndarray]
-    source: str
-    task: str
-
-
 class ChatDataset(Dataset):
-    def __init__(self, samples: list[Sample], tokenizer, image_processor, tokens_per_tile: int,
-                 max_seq_len: int, preload_images: bool = True, skip_bad: bool = False,
-                 image_encoder=None, max_image_pixels: int = MAX_IMAGE_PIXELS):
-        """`image_encoder` (with preloading): a frozen tower's pixels -> patch tokens function;
-        each image is then encoded once here and stored as features, not pixels. A larger image
-        than `max_image_pixels` is a bad record, found from its header even without preloading."""
+    def __init__(self, samples: Iterable[Sample] | RecordStore, tokenizer, image_processor,
+                 tokens_per_tile: int, max_seq_len: int, preload_images: bool = False,
+                 skip_bad: bool = False, feature_cache: FeatureCache | None = None,
+                 seg_image_cache: FeatureCache | None = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, tokenize_workers: int = 0,
+                 errors: list[str] | None = None):
+        """`samples` (any iterable, read once) are encoded here (record_encoder.py); a
+        RecordStore is taken as it is, with the `errors` found when it was built (a cached index,
+        record_index.py). `feature_cache`: a frozen tower's patch tokens per image, which replace
+        the pixels; `seg_image_cache`: SAM's image embedding of each mask's image (its first
+        image). Both are filled here (prepare_images). A larger image than `max_image_pixels`
+        is a bad record, found from its header."""
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.max_image_pixels = max_image_pixels
-        self.image_encoder = image_encoder
-        self.tokens_per_tile = tokens_per_tile
-        self.encoded: list[EncodedSample] = []
-        self.errors: list[str] = []
-        for sample in samples:
-            try:
-                self.encoded.append(self._build(sample, max_seq_len, preload_images))
-            except ValueError as error:
-                if not skip_bad:
-                    raise
-                self.errors.append(str(error))
+        self.tokens_per_tile, self.max_image_pixels = tokens_per_tile, max_image_pixels
+        self.skip_bad = skip_bad
+        self.errors: list[str] = list(errors or [])
+        if isinstance(samples, RecordStore):
+            self.records = samples
+        else:
+            encoder = RecordEncoder(tokenizer, image_processor, tokens_per_tile, max_seq_len,
+                                    max_image_pixels, tokenize_workers)
+            self.records, found = encoder.encode(samples, skip_bad)
+            self.errors += found
+        self.feature_cache = self.seg_image_cache = None
+        self.held: dict[int, torch.Tensor] = {}  # image row -> its preloaded pixels (features)
+        self.held_seg: dict[int, torch.Tensor] = {}  # image row -> its preloaded SAM embedding
+        self.late_skip_log: tuple[Path | None, str] | None = None  # (skipped.jsonl, data)
+        if preload_images or feature_cache is not None or seg_image_cache is not None:
+            self.prepare_images(preload_images, feature_cache, seg_image_cache)
 
-    def _build(self, sample: Sample, max_seq_len: int, preload: bool) -> EncodedSample:
-        try:
-            # Headers first: an image over the pixel budget is refused before any decoding.
-            sizes = [image_size(p, self.max_image_pixels) for p in sample.images]
-            images = ([self.image_processor(load_image(p, max_pixels=self.max_image_pixels))
-                       for p in sample.images] if preload else list(sample.images))
-        except ValueError as error:  # the image's own message names the file; add the record
-            raise ValueError(f"{sample.source}: {error}") from None
-        if preload and self.image_encoder is not None:
-            with torch.no_grad():
-                images = [self.image_encoder(im) for im in images]  # (tiles, P, Dv) each
-        tiles = [im.shape[0] if preload else self.image_processor.num_tiles(size)
-                 for im, size in zip(images, sizes)]
-        if sample.masks:  # masks pair with the first image, at its own size
-            width, height = sizes[0]
-            for k, mask in enumerate(sample.masks):
-                if mask.shape != (height, width):
-                    raise ValueError(f"{sample.source}: mask {k} is {mask.shape[1]}x{mask.shape[0]}"
-                                     f" but the image is {width}x{height}")
-        ids, labels = self.tokenizer.encode_chat(sample.turns)
-        image_id = self.tokenizer.image_token_id
-        if any(a == b == image_id for a, b in zip(ids, ids[1:])):
-            # Their rows would form one unbroken run, which image attention
-            # (models/attention_mask.py image_blocks) cannot tell apart into two images.
-            raise ValueError(f"{sample.source}: two <image> placeholders with nothing between "
-                             "them; put text (a newline will do) between images")
-        ids, labels = expand_image_tokens(ids, labels, image_id,
-                                          [t * self.tokens_per_tile for t in tiles])
-        if len(ids) > max_seq_len:
-            raise ValueError(f"{sample.source}: {len(ids)} tokens (images included) exceed the "
-                             f"context of {max_seq_len}")
-        num_seg = ids.count(self.tokenizer.seg_token_id)  # the model pairs every [SEG] with a mask
-        if num_seg != len(sample.masks):
-            raise ValueError(f"{sample.source}: {num_seg} [SEG] tokens to learn but "
-                             f"{len(sample.masks)} masks")
-        if all(label == IGNORE_INDEX for label in labels):
-            raise ValueError(f"{sample.source}: no assistant tokens to learn from")
-        return EncodedSample(ids, labels, images, sample.masks, sample.source,
-                             sample.meta.get("task", ""))
-
+    # ---- what the training loop asks of a dataset
     def __len__(self) -> int:
-        return len(self.encoded)
+        return len(self.records)
 
     def lengths(self) -> list[int]:
-        return [len(e.input_ids) for e in self.encoded]
+        return self.records.lengths.tolist()
 
     def sources(self) -> list[str]:
         """Each example's record ("file:index"), for messages about an example."""
-        return [e.source for e in self.encoded]
+        return [self.records.sources[i] for i in range(len(self))]
 
+    def image_paths(self) -> list[Path]:
+        """Every distinct image file the examples name (not those given as bytes)."""
+        table = self.records.images
+        return [table.source(r) for r in range(len(table)) if table.kinds[r] == PATH]
+
+    def _seg_rows(self) -> set[int]:
+        """The first image of every example with masks: the one its masks are drawn on."""
+        return {int(self.records.image_rows(i)[0]) for i in self.records.masks}
+
+    def seg_image_paths(self) -> list[Path]:
+        table = self.records.images
+        return [table.source(r) for r in sorted(self._seg_rows()) if table.kinds[r] == PATH]
+
+    # ---- images up front: preloading, frozen encoders' caches
+    def prepare_images(self, preload: bool, feature_cache: FeatureCache | None = None,
+                       seg_image_cache: FeatureCache | None = None) -> None:
+        """Fill the caches for every image (their entries are then read per item), and with
+        `preload` decode (or read) each distinct image once and hold it. An image that fails
+        makes every example that shows it a bad record (raised, or left out under skip_bad)."""
+        self.feature_cache, self.seg_image_cache = feature_cache, seg_image_cache
+        table, failed = self.records.images, {}
+        seg_rows = self._seg_rows() if seg_image_cache is not None else set()
+        for row in range(len(table)):
+            source = table.source(row)
+            try:
+                if feature_cache is not None:
+                    entry = feature_cache.ensure(source)
+                    if preload:
+                        self.held[row] = feature_cache.read(entry)
+                elif preload:
+                    self.held[row] = self._decode(source)
+                if row in seg_rows:
+                    entry = seg_image_cache.ensure(source)
+                    if preload:
+                        self.held_seg[row] = seg_image_cache.read(entry)
+            except ValueError as error:
+                failed[row] = str(error)
+        if failed:
+            self._drop_examples_showing(failed)
+
+    def _drop_examples_showing(self, failed: dict[int, str]) -> None:
+        keep = np.ones(len(self), dtype=bool)
+        for i in range(len(self)):
+            bad = [r for r in self.records.image_rows(i).tolist() if r in failed]
+            if bad:
+                message = f"{self.records.sources[i]}: {failed[bad[0]]}"
+                if not self.skip_bad:
+                    raise ValueError(message)
+                self.errors.append(message)
+                keep[i] = False
+        self.records = self.records.select(keep)  # the same image table: `held` stays valid
+
+    # ---- items
     def __getitem__(self, index: int) -> dict:
-        ex = self.encoded[index]
-        pixels = [im if isinstance(im, torch.Tensor) else self._load(im, ex.source)
-                  for im in ex.images]
-        return dict(input_ids=ex.input_ids, labels=ex.labels, pixel_values=pixels,
-                    masks=[torch.from_numpy(m) for m in ex.masks], source=ex.source)
-
-    def _load(self, path, source: str) -> torch.Tensor:
         try:
-            return self.image_processor(load_image(path, max_pixels=self.max_image_pixels))
+            return self._item(index)
+        except ValueError as error:
+            if not self.skip_bad:
+                raise
+            return self._stand_in(index, str(error))
+
+    def _item(self, index: int) -> dict:
+        records = self.records
+        ids, trained = records.tokens(index)
+        rows = records.image_rows(index).tolist()
+        source = records.sources[index]
+        input_ids, labels = expand_image_tokens(
+            ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(),
+            self.tokenizer.image_token_id,
+            [int(records.images.tiles[r]) * self.tokens_per_tile for r in rows])
+        masks = records.masks.get(index, [])
+        try:  # the image's (or label's) own message names the file; the record is added
+            item = dict(input_ids=input_ids, labels=labels,
+                        pixel_values=[self._pixels(r) for r in rows],
+                        masks=[torch.from_numpy(decode_mask(m)) for m in masks], source=source)
+            if masks and self.seg_image_cache is not None:
+                item["seg_image"] = self.held_seg.get(rows[0])
+                if item["seg_image"] is None:
+                    item["seg_image"] = self.seg_image_cache.get(records.images.source(rows[0]))
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
+        return item
+
+    def _pixels(self, row: int) -> torch.Tensor:
+        held = self.held.get(row)
+        if held is not None:
+            return held
+        source = self.records.images.source(row)
+        if self.feature_cache is not None:
+            return self.feature_cache.get(source)
+        return self._decode(source)
+
+    def _decode(self, source) -> torch.Tensor:
+        return self.image_processor(load_image(source, max_pixels=self.max_image_pixels))
+
+    def _stand_in(self, index: int, message: str) -> dict:
+        """An example that failed to decode, replaced as late_skips.py says."""
+        for other in stand_in_order(index, self.records.lengths).tolist():
+            try:
+                item = self._item(other)
+            except ValueError:
+                continue
+            log, data = self.late_skip_log or (None, "")
+            record_late_skip(log, data, message, item["source"])
+            return item
+        raise ValueError(f"{message} (--skip-bad: and none of the next examples as short "
+                         "decodes in its place)")
 
 
 def expand_image_tokens(ids: list[int], labels: list[int], image_token_id: int,
@@ -138,7 +205,9 @@ def collate(batch: list[dict], pad_id: int, left_pad: bool = False) -> dict:
     """Pad to the longest sequence (right for training, left for generation) and stack tiles.
 
     `seg_tile_index[b]` is the tile that sample b's masks are predicted on: its first image's
-    last tile (the thumbnail when tiled, else the image itself).
+    last tile (the thumbnail when tiled, else the image itself). Items that carry a "seg_image"
+    (SAM's embedding or pixels of the masks' image) give `seg_images`, stacked, and the index
+    then points into those instead.
     """
     longest = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
@@ -154,8 +223,23 @@ def collate(batch: list[dict], pad_id: int, left_pad: bool = False) -> dict:
         tiles += item["pixel_values"]
         masks += item["masks"]
     pixel_values = torch.cat(tiles) if tiles else None  # (N_tiles, 3, S, S)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                pixel_values=pixel_values, masks=masks, seg_tile_index=seg_tile_index(batch))
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+               pixel_values=pixel_values, masks=masks, seg_tile_index=seg_tile_index(batch))
+    out.update(seg_images(batch))
+    return out
+
+
+def seg_images(samples: list[dict]) -> dict:
+    """{} when no sample carries a "seg_image"; else `seg_images` (N_seg, ...), one per sample
+    that has one, and `seg_tile_index` (N,) pointing into them (0 for the samples without)."""
+    images = [item["seg_image"] for item in samples if "seg_image" in item]
+    if not images:
+        return {}
+    index, row = [], 0
+    for item in samples:
+        index.append(row if "seg_image" in item else 0)
+        row += "seg_image" in item
+    return dict(seg_images=torch.stack(images), seg_tile_index=torch.tensor(index))
 
 
 def seg_tile_index(samples: list[dict]) -> torch.Tensor:

@@ -12,7 +12,8 @@ index), RGBA screenshots, grayscale and 16-bit medical slices, CMYK JPEGs. A pla
     `convert` clips at 255, which turns a 12-bit CT slice (0..4095) almost all white.
 EXIF orientation is applied (as cv2.imread and labelme do), so masks drawn on the
 displayed image line up with what we load. An image with more than `max_pixels` pixels is
-refused from its header, before any decoding (see MAX_IMAGE_PIXELS).
+refused from its header, before any decoding (see MAX_IMAGE_PIXELS). An image is a file's path or
+the encoded file's bytes (a tar member, a parquet cell: data/shard_stream.py, data/hf_datasets.py).
 
 Then into the tower's input (the second half of this file): resize, InternVL's dynamic tiles,
 CLIP normalisation.
@@ -26,6 +27,7 @@ single pixel (`num_tiles`, from the image's size alone).
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -41,31 +43,43 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and 
 # decodes in full, so a 12 KB PNG that says 10000 x 10000 took 623 MB. Training images are far
 # smaller (COCO/LLaVA under 1M pixels, SA-1B about 3.4M); a 48-megapixel photo still passes.
 MAX_IMAGE_PIXELS = 8192 * 8192
+ImageSource = str | Path | bytes  # a file, or an encoded file's bytes (PNG, JPEG, ...)
 
 
 class ImageError(ValueError):
     """An image file that cannot be read; the message is one line: "path: what is wrong"."""
 
 
-def _open_checked(path: Path, max_pixels: int | None = None) -> Image.Image:
+def _path_or_bytes(source: ImageSource) -> Path | bytes:
+    return source if isinstance(source, bytes) else Path(source)
+
+
+def _name(source: Path | bytes) -> str:
+    """What an error calls the image: its path, or its size when it is bytes (the caller's message
+    names the record the bytes came from)."""
+    return f"<{len(source)} bytes of image data>" if isinstance(source, bytes) else str(source)
+
+
+def _open_checked(path: Path | bytes, max_pixels: int | None = None) -> Image.Image:
     """Image.open (header only) with every failure turned into a one-line ImageError naming the
     file; an image over `max_pixels` pixels is one of them."""
+    name = _name(path)
     try:
         with warnings.catch_warnings():  # PIL's bomb warning: `max_pixels` decides instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
+        raise ImageError(f"{name}: file not found") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, expected an image file") from None
+        raise ImageError(f"{name}: is a directory, expected an image file") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file PIL can identify") from None
+        raise ImageError(f"{name}: not an image file PIL can identify") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageError(f"{path}: cannot open image ({_one_line(error)})") from None
+        raise ImageError(f"{name}: cannot open image ({_one_line(error)})") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         image.close()
-        raise ImageError(f"{path}: {width}x{height} is {width * height:,} pixels, over the "
+        raise ImageError(f"{name}: {width}x{height} is {width * height:,} pixels, over the "
                          f"max_image_pixels limit of {max_pixels:,} (not decoded)")
     return image
 
@@ -74,13 +88,26 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation load_image applies, from the header. A PNG's eXIf chunk belongs
+    before its pixels (PNG, third edition); PIL would decode the whole image to look for one
+    after them, so that is not done: a header read stays a header read."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+
+
+def image_size(path: ImageSource, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) as `load_image` will return it, read from the header only (no decoding);
     with `max_pixels`, refuses a larger image as `load_image` would."""
-    path = Path(path)
+    path = _path_or_bytes(path)
     with _open_checked(path, max_pixels) as image:
         width, height = image.size
-        orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        try:
+            orientation = _orientation(image)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageError(f"{_name(path)}: cannot read the image's metadata "
+                             f"({_one_line(error)})") from None
     if orientation in TRANSPOSED_ORIENTATIONS:
         return height, width
     return width, height
@@ -111,25 +138,27 @@ def _stretch_to_8bit(image: Image.Image) -> Image.Image:
     return gray.convert("RGB")
 
 
-def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255),
+def load_image(path: ImageSource, background: tuple[int, int, int] = (255, 255, 255),
                max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode `path` to an 8-bit RGB PIL image (any mode, EXIF orientation applied).
 
     Transparent pixels are composited on `background`. Raises ImageError (a ValueError)
     with one line "path: what is wrong" for a missing, unreadable, truncated or too large file.
     """
-    path = Path(path)
+    path = _path_or_bytes(path)
     with _open_checked(path, max_pixels) as image:
         try:
+            orientation = _orientation(image)  # as image_size sees it
             image.load()  # decode now, so a truncated file fails here with its name
-            image = ImageOps.exif_transpose(image)
+            if orientation != 1:
+                image = ImageOps.exif_transpose(image)
             if image.mode in HIGH_DEPTH_MODES:
                 return _stretch_to_8bit(image)
             if image.mode in ALPHA_MODES or "transparency" in image.info:
                 return _composite(image, background)
             return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"{path}: cannot decode {image.format or 'image'} "
+            raise ImageError(f"{_name(path)}: cannot decode {image.format or 'image'} "
                              f"in mode {image.mode} ({_one_line(error)})") from None
 
 

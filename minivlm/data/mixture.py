@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -27,11 +28,14 @@ class MixtureDataset(Dataset):
         probs = torch.tensor(rates, dtype=torch.float64)
         which = torch.multinomial(probs / probs.sum(), length, replacement=True, generator=g)
         self.datasets = datasets
-        self.index = [(int(d), int(torch.randint(len(datasets[d]), (1,), generator=g)))
-                      for d in which.tolist()]
+        # Draw i: dataset which[i], then an item of it, in this order from one generator (so
+        # the draws are those of every earlier version). Two flat arrays, not a tuple a draw.
+        self.which = which.numpy().astype(np.int32)
+        self.item = np.array([int(torch.randint(len(datasets[d]), (1,), generator=g))
+                              for d in self.which.tolist()], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.which)
 
     def repeat_note(self, batch_size: int) -> str:
         """A line for the log when one batch must repeat examples, else ""."""
@@ -42,13 +46,12 @@ class MixtureDataset(Dataset):
                 "mixture; batches repeat examples (drawn with replacement)")
 
     def __getitem__(self, i: int) -> dict:
-        d, j = self.index[i]
-        return self.datasets[d][j]
+        return self.datasets[self.which[i]][int(self.item[i])]
 
     def lengths(self) -> list[int]:
         per_dataset = [d.lengths() for d in self.datasets]
-        return [per_dataset[d][j] for d, j in self.index]
+        return [per_dataset[d][j] for d, j in zip(self.which.tolist(), self.item.tolist())]
 
     def sources(self) -> list[str]:
         per_dataset = [d.sources() for d in self.datasets]
-        return [per_dataset[d][j] for d, j in self.index]
+        return [per_dataset[d][j] for d, j in zip(self.which.tolist(), self.item.tolist())]

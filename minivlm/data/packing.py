@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minivlm.constants import IGNORE_INDEX
-from minivlm.data.batch import collate, seg_tile_index
+from minivlm.data.batch import collate, seg_images, seg_tile_index
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int,
@@ -71,7 +71,9 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict:
     over the whole batch in packed order (0 = padding). `seg_tile_index` then has one entry per
     sample in that order, as VLM.forward reads it through document_ids."""
     batch = collate([join_samples(row) for row in rows], pad_id)
-    batch["seg_tile_index"] = seg_tile_index([item for row in rows for item in row])
+    samples = [item for row in rows for item in row]
+    batch["seg_tile_index"] = seg_tile_index(samples)
+    batch.update(seg_images(samples))  # SAM's images of the masks, when items carry them
     document_ids = torch.zeros_like(batch["input_ids"])  # (B, T)
     number = 0
     for b, row in enumerate(rows):

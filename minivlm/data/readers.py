@@ -5,7 +5,12 @@
   read_chiron_eval     [{"id", "img_name": str | [str], "question", "reasoning", "answer",
                          "answer_type"}]
   read_reasonseg_dir   LISA's ReasonSeg folder: NAME.jpg + labelme NAME.json (in reasonseg.py)
-  read_dataset         picks one of the above from the path and the record keys
+  read_sem_seg_dir, read_ade20k, read_cocostuff   class-index PNGs (in sem_seg.py)
+  read_refer_dir       refcoco & co.: refs(unc).p + instances.json (in refer_seg.py)
+  read_dataset         picks one of the above from the path and the record keys, or from a
+                       folder's contents, or from a prefix naming the kind ("ade20k:PATH");
+                       iter_dataset yields the same samples one at a time (a JSON file is never
+                       held whole: sample.iter_records)
 
 Rules shared by every reader:
   - Image paths. Absolute paths are used as given. A relative path p is looked up as
@@ -25,12 +30,18 @@ Rules shared by every reader:
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Iterator
 
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
-from minivlm.data.reasonseg import read_reasonseg_dir
-from minivlm.data.sample import (Converter, Sample, convert_all, extra_fields,
-                                 get_field, read_records, string_list)
+from minivlm.data.reasonseg import REASONSEG_IMAGE_SUFFIXES, read_reasonseg_dir
+from minivlm.data.refer_seg import read_refer_dir, refs_files
+from minivlm.data.sample import (Converter, Sample, convert_all, extra_fields, get_field,
+                                 iter_converted, iter_records, read_records, string_list)
+from minivlm.data.seg_data_config import SegDataConfig
+from minivlm.data.sem_seg import (ADE20K_SPLITS, CLASS_FILES, ade20k_root, read_ade20k,
+                                  read_cocostuff, read_sem_seg_dir)
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                "assistant": "assistant"}
@@ -145,17 +156,73 @@ def read_chiron_eval(path: str | Path, image_dir: str | Path | None = None,
     return _read_file(path, image_dir, _chiron_record, errors)
 
 
+# Each folder kind: how to recognise it (in this order) and what that looks for.
+FOLDER_KINDS = {
+    "refer_seg": "refs(*).p (+ instances.json)",
+    "sem_seg": "annotations/ + classes.txt or classes.json",
+    "ade20k": "annotations/training or annotations/validation, here or in ADEChallengeData2016/",
+    "cocostuff": "stuffthingmaps_trainval2017/",
+    "reasonseg": "NAME.json + NAME.jpg",
+}
+
+
+def folder_kind(path: Path) -> str:
+    """Which FOLDER_KINDS entry a folder's contents match; a one-line error lists them all."""
+    if refs_files(path):
+        return "refer_seg"
+    if (path / "annotations").is_dir() and any((path / n).is_file() for n in CLASS_FILES):
+        return "sem_seg"
+    if any((ade20k_root(path) / "annotations" / s).is_dir() for s in ADE20K_SPLITS.values()):
+        return "ade20k"
+    if (path / "stuffthingmaps_trainval2017").is_dir():
+        return "cocostuff"
+    if any(p.suffix in (".json",) + REASONSEG_IMAGE_SUFFIXES for p in path.iterdir()):
+        return "reasonseg"
+    raise ValueError(f"{path}: cannot tell the dataset kind from the folder; looked for "
+                     + "; ".join(f"{v} ({k})" for k, v in FOLDER_KINDS.items())
+                     + ". Or name it: KIND:PATH")
+
+
+def split_kind(path: str | Path) -> tuple[str | None, Path]:
+    """"ade20k:data/ADE" -> ("ade20k", Path("data/ADE")); a path with no known prefix -> (None,
+    path)."""
+    kind, sep, rest = str(path).partition(":")
+    return (kind, Path(rest)) if sep and kind in FOLDER_KINDS else (None, Path(path))
+
+
 def read_dataset(path: str | Path, image_dir: str | Path | None = None,
-                 errors: list[str] | None = None) -> list[Sample]:
-    """Read any supported format: a folder is ReasonSeg; a file's format comes from its record
-    keys."""
-    path = Path(path)
-    if path.is_dir():
-        return read_reasonseg_dir(path, errors)
-    records = read_records(path)
-    first = next((record for _, record in records if isinstance(record, dict)), None)
-    if first is None:  # empty, or only bad lines: each reports itself
-        return convert_all(records, _llava_record, path.parent, errors)
+                 errors: list[str] | None = None,
+                 seg_data: SegDataConfig | None = None) -> list[Sample]:
+    """Read any supported format (iter_dataset, as a list)."""
+    return list(iter_dataset(path, image_dir, errors, seg_data))
+
+
+def iter_dataset(path: str | Path, image_dir: str | Path | None = None,
+                 errors: list[str] | None = None,
+                 seg_data: SegDataConfig | None = None) -> Iterator[Sample]:
+    """Every sample of any supported format, one at a time (a JSON file is parsed record by
+    record). A folder's kind comes from a prefix ("sem_seg:", "ade20k:", "cocostuff:",
+    "refer_seg:", "reasonseg:"), else from its contents (folder_kind); a file's from its first
+    record's keys. `seg_data` holds the segmentation readers' options; `image_dir` is where
+    refer_seg and cocostuff find their (COCO) images."""
+    kind, path = split_kind(path)
+    if path.is_dir() or kind is not None:
+        if not path.is_dir():
+            raise ValueError(f"{path}: not a directory (expected a {kind} folder: "
+                             f"{FOLDER_KINDS[kind]})")
+        yield from _read_folder(kind or folder_kind(path), path, image_dir, errors, seg_data)
+        return
+    records = iter_records(path)
+    head = []  # the records up to the first object, whose keys name the format
+    for where, record in records:
+        head.append((where, record))
+        if isinstance(record, dict):
+            break
+    records = itertools.chain(head, records)
+    if not head or not isinstance(head[-1][1], dict):  # empty, or only bad lines: each reports
+        yield from iter_converted(records, _llava_record, path.parent, errors)
+        return
+    first = head[-1][1]
     if "conversations" in first:
         convert = _llava_record
     elif "messages" in first:
@@ -166,4 +233,17 @@ def read_dataset(path: str | Path, image_dir: str | Path | None = None,
         raise ValueError(f"{path}: cannot tell the format from the record keys {sorted(first)}; "
                          "expected 'conversations' (LLaVA), 'messages' (messages JSONL) or "
                          "'question' + 'img_name' (Chiron-o1)")
-    return convert_all(records, convert, _image_dir(path, image_dir), errors)
+    yield from iter_converted(records, convert, _image_dir(path, image_dir), errors)
+
+
+def _read_folder(kind: str, path: Path, image_dir: str | Path | None, errors: list[str] | None,
+                 seg_data: SegDataConfig | None) -> list[Sample]:
+    if kind == "refer_seg":
+        return read_refer_dir(path, seg_data, errors, image_dir)
+    if kind == "sem_seg":
+        return read_sem_seg_dir(path, seg_data, errors)
+    if kind == "ade20k":
+        return read_ade20k(path, seg_data, errors)
+    if kind == "cocostuff":
+        return read_cocostuff(path, seg_data, errors, image_dir)
+    return read_reasonseg_dir(path, errors, seg_data)

@@ -3,30 +3,35 @@
 A `Sample` is format-free. Whatever the file looked like (LLaVA JSON, messages JSONL,
 Chiron-o1 eval, ReasonSeg labelme), the rest of the pipeline sees the same three things:
 the image paths, the chat turns with one "<image>" placeholder per image (in image order),
-and one (H, W) mask per "[SEG]" the assistant says (in order).
+and one (H, W) mask per "[SEG]" the assistant says (in order; a MaskSource until an item decodes
+it, data/masks.py).
 
 Below the Sample, what every reader shares on the way to one: JSON(L) files to located records,
-checked fields, and the loop that turns records into samples, raising or collecting one-line
-errors (the formats themselves are in readers.py and reasonseg.py).
+parsed one at a time (json_stream.py), checked fields, and the loop that turns records into
+samples, raising or collecting one-line errors (the formats themselves are in readers.py and
+reasonseg.py). Records and samples are generators, so a training set streams from its file into
+the dataset's compact arrays (batch.py) without ever being held as Python objects whole.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from minivlm.constants import IMAGE_TOKEN, MASK_VALUES, ROLES, SEG_TOKEN
+from minivlm.data.json_stream import iter_json_array, iter_jsonl
+from minivlm.data.masks import MaskSource
 
 
 @dataclass
 class Sample:
     images: list[Path]  # resolved image paths, in placeholder order
     turns: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}]
-    masks: list[np.ndarray] = field(default_factory=list)  # one (H, W) uint8 per [SEG]
+    # one per [SEG]: an (H, W) uint8 array, or a MaskSource decoded per item (data/masks.py)
+    masks: list[MaskSource | np.ndarray] = field(default_factory=list)
     source: str = ""  # "path/to/file.json:17", used in every error message
     meta: dict = field(default_factory=dict)  # id, answer, answer_type, task, ...
 
@@ -68,6 +73,11 @@ def check_sample(sample: Sample) -> None:
         raise ValueError(f"{where}: {num_seg} {SEG_TOKEN} in the answer(s) "
                          f"but {len(sample.masks)} mask(s)")
     for k, mask in enumerate(sample.masks):
+        if isinstance(mask, MaskSource):  # values are its reader's to check, when it reads it
+            if len(mask.shape) != 2:
+                raise ValueError(f"{where}: mask {k}: expected an (H, W) shape, found "
+                                 f"{mask.shape}")
+            continue
         if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype != np.uint8:
             raise ValueError(f"{where}: mask {k}: expected an (H, W) uint8 array")
         # The mask losses would read any other value as background without a word (the IoU
@@ -126,36 +136,29 @@ def read_text(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def read_records(path: Path) -> list[tuple[str, object]]:
-    """(location, parsed record) pairs; a JSONL line that is not JSON becomes a ValueError record
-    (so one bad line is skipped like any other bad record)."""
-    text = read_text(path)
+def iter_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(location, parsed record) pairs, parsed one at a time (json_stream.py): a JSON array is
+    never held whole. A JSONL line that is not JSON becomes a ValueError record (so one bad line
+    is skipped like any other bad record); a JSON file that is not a list of records raises."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
     if path.suffix == ".jsonl":
-        records = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                where = f"{path}:{line_number}"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    records.append((where, ValueError(
-                        f"{where}: invalid JSON ({error.msg} at column {error.colno})")))
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error.msg} at line {error.lineno} "
-                         f"column {error.colno})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
-    return [(f"{path}:{index}", record) for index, record in enumerate(data)]
+        for line_number, record in iter_jsonl(path):
+            yield f"{path}:{line_number}", record
+    else:
+        for index, record in iter_json_array(path):
+            yield f"{path}:{index}", record
 
 
-def convert_all(records: list[tuple[str, object]], convert: Converter, image_dir: Path,
-                errors: list[str] | None) -> list[Sample]:
-    """Every record through `convert` and `check_sample`. A bad record raises, or, when `errors`
-    is a list, has its message appended there and is left out."""
-    samples = []
+def read_records(path: Path) -> list[tuple[str, object]]:
+    """iter_records as a list, for the small files read whole (an explanatory file, eval data)."""
+    return list(iter_records(path))
+
+
+def iter_converted(records: Iterable[tuple[str, object]], convert: Converter, image_dir: Path,
+                   errors: list[str] | None) -> Iterator[Sample]:
+    """Every record through `convert` and `check_sample`, one at a time. A bad record raises, or,
+    when `errors` is a list, has its message appended there and is left out."""
     for where, record in records:
         try:
             if isinstance(record, ValueError):
@@ -167,5 +170,10 @@ def convert_all(records: list[tuple[str, object]], convert: Converter, image_dir
                 raise
             errors.append(str(error))
         else:
-            samples.append(sample)
-    return samples
+            yield sample
+
+
+def convert_all(records: Iterable[tuple[str, object]], convert: Converter, image_dir: Path,
+                errors: list[str] | None) -> list[Sample]:
+    """iter_converted as a list."""
+    return list(iter_converted(records, convert, image_dir, errors))

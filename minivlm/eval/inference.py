@@ -15,6 +15,7 @@ from PIL import Image
 from minivlm.data.batch import collate, expand_image_tokens
 from minivlm.data.images import image_size, load_image
 from minivlm.data.sample import Sample
+from minivlm.models.sam_transforms import sam_preprocess
 
 
 def prompt_turns(sample: Sample) -> list[dict]:
@@ -100,18 +101,30 @@ def segment_samples(model, tokenizer, image_processor, samples: list[Sample], an
     for chunk, chunk_answers in zip(batches(samples, batch_size), batches(answers, batch_size)):
         items = [encode_prompt(s, tokenizer, image_processor, model.image_tokens_per_tile, a)
                  for s, a in zip(chunk, chunk_answers)]
+        if (sam := getattr(model.seg_head, "image_encoder", None)) is not None:
+            for item, sample in zip(items, chunk):  # SAM's own input frame (--seg-image-encoder)
+                image = sample.images[0]
+                image = image if isinstance(image, Image.Image) else load_image(image)
+                item["seg_image"] = sam_preprocess(np.asarray(image), sam.img_size)
         batch = collate(items, tokenizer.pad_id)
-        sizes = [tuple(image_size(s.images[0]))[::-1] for s in chunk]  # (H, W), header only
+        sizes = [_size(s.images[0])[::-1] for s in chunk]  # (H, W), header only
+        seg_images = batch.get("seg_images")
         logits = model.predict_masks(batch["input_ids"].to(device),
                                      batch["attention_mask"].to(device),
                                      batch["pixel_values"].to(device),
-                                     batch["seg_tile_index"].to(device), sizes)
+                                     batch["seg_tile_index"].to(device), sizes,
+                                     None if seg_images is None else seg_images.to(device))
         seg_counts = (batch["input_ids"][:, 1:] == tokenizer.seg_token_id).sum(1).tolist()
         masks = [(m > threshold).to(torch.uint8).cpu() for m in logits]
         for count in seg_counts:
             out.append(masks[:count])
             masks = masks[count:]
     return out
+
+
+def _size(image) -> tuple[int, int]:
+    """(W, H) of a path (its header only) or of an image already decoded."""
+    return image.size if isinstance(image, Image.Image) else tuple(image_size(image))
 
 
 def mask_overlay(image: Image.Image, mask, alpha: float = 0.45) -> Image.Image:

@@ -19,13 +19,16 @@ import torch
 from torch import Tensor
 
 from minivlm.constants import MASK_IGNORE
+from minivlm.data.masks import MaskSource
 
 PER_MASK_EPS = 1e-5  # LISA's `intersection_i / (union_i + 1e-5)`
 
-MaskLike = Tensor | np.ndarray
+MaskLike = Tensor | np.ndarray | MaskSource
 
 
 def _as_tensor(mask: MaskLike, what: str) -> Tensor:
+    if isinstance(mask, MaskSource):  # a reader's mask, not decoded yet (data/masks.py)
+        mask = mask.decode()
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
     if not isinstance(mask, Tensor):

@@ -9,6 +9,10 @@
     ... packed rows on CUDA, in training ─► the same rule as FlexAttention's BlockMask, whose
         kernel skips every 128×128 block that is wholly masked (the cross-sample blocks of a
         packed row), where SDPA's dense mask computes them and throws them away
+    ... packed rows elsewhere ─► DocumentSpans: the rule is block-diagonal (no pair crosses a
+        sample), so each sample is one small SDPA call under its own (1, 1, L, L) block of the
+        same mask, and the cross-sample blocks are never computed (FlexAttention's backward has
+        no CPU kernel)
 Positions restart at 0 at each packed sample, so a packed sample sees exactly the RoPE angles it
 would see alone (the "document masking" of Krell et al. 2021, "Efficient Sequence Packing").
 """
@@ -119,15 +123,60 @@ def document_block_mask(document_ids: torch.Tensor,
     return create_block_mask(may_attend, B, None, T, T, device=document_ids.device)
 
 
+@dataclass
+class DocumentSpans:
+    """Packed rows cut where no attention crosses: row b is `lengths[b]` spans end to end, each
+    one sample (or the row's padding tail). `masks[b][i]` is `document_mask`'s rule over span i
+    alone, the diagonal block of the (B, 1, T, T) mask (every other block is False), or None
+    where that block is plain causal: SDPA's fused causal kernel, which skips the upper half.
+    For a training forward: the spans cut the queries and the keys alike (no KV cache)."""
+
+    lengths: list[list[int]]
+    masks: list[list[torch.Tensor | None]]  # (1, 1, L, L) each
+
+
+def document_spans(document_ids: torch.Tensor,
+                   blocks: torch.Tensor | None = None) -> DocumentSpans:
+    """`document_mask`'s rule as DocumentSpans: one span per run of equal document ids."""
+    T = document_ids.shape[1]
+    lengths, masks = [], []
+    for b, starts in enumerate(_starts(document_ids).tolist()):
+        edges = [t for t, is_start in enumerate(starts) if is_start] + [T]
+        lengths.append([end - start for start, end in zip(edges[:-1], edges[1:])])
+        masks.append([])
+        for start, end in zip(edges[:-1], edges[1:]):
+            ids = document_ids[b:b + 1, start:end]  # (1, L)
+            images = None if blocks is None else blocks[b:b + 1, start:end]
+            plain_causal = bool(ids[0, 0] > 0) and (images is None or not bool(images.any()))
+            masks[b].append(None if plain_causal else document_mask(ids, images))
+    return DocumentSpans(lengths, masks)
+
+
+def attend_spans(q, k, v, spans: DocumentSpans, enable_gqa: bool) -> torch.Tensor:
+    """(B, nh, T, hd): SDPA over each span alone, the outputs laid back end to end. Equal to SDPA
+    under the whole (B, 1, T, T) mask, whose softmax gives the other blocks zero weight. `split`
+    (not one slice per span) so that the backward joins each row's gradients in a single copy."""
+    rows = []
+    for b, row in enumerate(zip(q.split(1), k.split(1), v.split(1))):  # (1, nh or nkv, T, hd)
+        q_spans, k_spans, v_spans = (x.split(spans.lengths[b], dim=2) for x in row)  # (1, _, L, hd)
+        outs = [F.scaled_dot_product_attention(q_span, k_span, v_span, attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=enable_gqa)
+                for q_span, k_span, v_span, mask in zip(q_spans, k_spans, v_spans,
+                                                        spans.masks[b])]  # (1, nh, L, hd) each
+        rows.append(torch.cat(outs, dim=2))  # (1, nh, T, hd)
+    return torch.cat(rows)  # (B, nh, T, hd)
+
+
 def use_flex_attention(device: torch.device) -> bool:
     """FlexAttention for a packed training forward on CUDA. Its backward has no CPU kernel (torch
-    2.14: forward only), so CPUs keep SDPA's dense boolean mask."""
+    2.14: forward only), so CPUs attend one sample at a time (DocumentSpans)."""
     return device.type == "cuda"
 
 
 def is_ready_mask(mask) -> bool:
-    """A mask built here ((B, 1, T, S) boolean, or a BlockMask), not a (B, S) padding mask."""
-    return isinstance(mask, BlockMask) or (mask is not None and mask.dim() == 4)
+    """A mask built here ((B, 1, T, S) boolean, a BlockMask or DocumentSpans), not a (B, S)
+    padding mask."""
+    return isinstance(mask, (BlockMask, DocumentSpans)) or (mask is not None and mask.dim() == 4)
 
 
 @functools.cache
@@ -138,8 +187,11 @@ def _compiled_flex_attention():
 
 def attend(q, k, v, mask, enable_gqa: bool) -> torch.Tensor:
     """(B, nh, T, hd) attention of q over k, v under `mask`: a BlockMask goes to FlexAttention,
-    anything else to SDPA. No mask and several queries means plain causal attention from
-    position 0: SDPA's fused causal kernel (a mask is built in every other case)."""
+    DocumentSpans to one SDPA call per span, anything else to SDPA. No mask and several queries
+    means plain causal attention from position 0: SDPA's fused causal kernel (a mask is built in
+    every other case)."""
+    if isinstance(mask, DocumentSpans):
+        return attend_spans(q, k, v, mask, enable_gqa)
     if isinstance(mask, BlockMask):
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
@@ -155,15 +207,18 @@ def lm_attention(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     `document_ids` (B, T), from a packed batch (data/packing.py): which sample each token belongs
     to, 0 = padding. Without packing, and with causal image attention (or no image in the batch),
     this is the padding mask itself and no positions: the Transformer's default path, unchanged.
-    `flex`: the mask as a BlockMask (`use_flex_attention`); a KV-cache prefill keeps the tensor.
+    Otherwise packed rows get DocumentSpans, one sample per row with bidirectional images the
+    dense mask (which a KV-cache prefill also takes), and `flex` makes either a BlockMask
+    (`use_flex_attention`).
     """
     is_image = input_ids == image_token_id  # (B, T)
     bidirectional = image_attention == "bidirectional" and bool(is_image.any())
     if document_ids is None and not bidirectional:
         return attention_mask, None
-    if document_ids is None:  # one sample per row (left or right padded)
+    packed = document_ids is not None
+    if not packed:  # one sample per row (left or right padded)
         document_ids = (torch.ones_like(input_ids) if attention_mask is None
                         else attention_mask.long())
     blocks = image_blocks(is_image, document_ids) if bidirectional else None
-    mask = (document_block_mask if flex else document_mask)(document_ids, blocks)
-    return mask, positions_in_documents(document_ids)
+    build = document_block_mask if flex else document_spans if packed else document_mask
+    return build(document_ids, blocks), positions_in_documents(document_ids)

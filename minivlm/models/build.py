@@ -10,12 +10,14 @@ checkpoint that holds them all (minivlm/weights/checkpoint.py's `load_vlm`).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
-from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, MaskDecoderConfig,
-                                         build_mask_decoder, load_sam_mask_decoder)
+from minivlm.models.mask_decoder import (MASK_DECODER_PRESETS, build_mask_decoder,
+                                         load_sam_mask_decoder)
 from minivlm.models.dot_mask_head import DotProductMaskHead
 from minivlm.models.image_positions import ImagePositions2D
+from minivlm.models.sam import SamEncoderConfig, build_sam_image_encoder
+from minivlm.models.sam_checkpoint import load_sam, no_mask_prompt_encoder, read_sam_encoder_config
 from minivlm.models.seg_head import SegConfig, SegHead
 from minivlm.models.conv_stem import ConvStem
 from minivlm.models.transformer import Transformer
@@ -65,34 +67,47 @@ def build_vision_tower(config: VisionConfig, load_pretrained: bool = True) -> Vi
 
 
 def resolve_seg_config(config: SegConfig) -> SegConfig:
-    """With `sam_checkpoint` the decoder is SAM's whatever decoder_* say: record SAM's sizes."""
+    """With `sam_checkpoint` the decoder is SAM's whatever decoder_* say: record SAM's sizes; with
+    SAM's image encoder, record the encoder's sizes too, read from the file's tensor shapes."""
     if not config.sam_checkpoint:
         return config
-    sam = MASK_DECODER_PRESETS["sam"]
-    return replace(config, decoder_dim=sam.transformer_dim, decoder_depth=sam.depth,
-                   decoder_heads=sam.num_heads, decoder_mlp_dim=sam.mlp_dim,
-                   iou_head_hidden_dim=sam.iou_head_hidden_dim)
+    config = config.with_decoder(MASK_DECODER_PRESETS["sam"])
+    if config.image_encoder == "sam" and not config.sam_encoder:
+        encoder = read_sam_encoder_config(config.sam_checkpoint)
+        config = replace(config, sam_encoder=asdict(encoder))
+    return config
 
 
 def build_seg_head(config: SegConfig, lm_dim: int, vision: VisionTower,
                    load_pretrained: bool = True) -> SegHead | DotProductMaskHead:
     """LISA's head for a resolved `config`: SAM's decoder weights when `sam_checkpoint` names
-    them (and they are wanted), a random decoder otherwise; or the dot-product baseline."""
+    them (and they are wanted), a random decoder otherwise; with `image_encoder="sam"`, SAM's
+    whole model from that file (its frozen ViT encodes the images); or the dot-product
+    baseline. `load_pretrained=False` builds the same shapes for a checkpoint to fill."""
     if config.head == "dot":
         return DotProductMaskHead(lm_dim=lm_dim, vision_dim=vision.config.width,
                                   grid_size=vision.grid_size, dim=config.decoder_dim)
-    decoder_config = MaskDecoderConfig(
-        transformer_dim=config.decoder_dim, depth=config.decoder_depth,
-        num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim,
-        iou_head_hidden_dim=config.iou_head_hidden_dim)
-    if config.sam_checkpoint and load_pretrained:
-        mask_decoder, prompt_encoder = load_sam_mask_decoder(config.sam_checkpoint,
-                                                             decoder_config)
+    decoder_config = config.decoder_config()
+    image_encoder = None
+    if config.image_encoder == "sam" and config.sam_checkpoint and load_pretrained:
+        sam = load_sam(config.sam_checkpoint, decoder_config)  # strict: every tensor used
+        image_encoder, mask_decoder = sam.image_encoder, sam.mask_decoder
+        prompt_encoder = no_mask_prompt_encoder(sam.prompt_encoder)
     else:
-        mask_decoder, prompt_encoder = build_mask_decoder(decoder_config)
+        if config.image_encoder == "sam":  # the same shapes; a checkpoint fills them
+            encoder = dict(config.sam_encoder)
+            encoder["global_attn_indexes"] = tuple(encoder["global_attn_indexes"])
+            image_encoder = build_sam_image_encoder(SamEncoderConfig(**encoder))
+        if config.sam_checkpoint and load_pretrained:
+            mask_decoder, prompt_encoder = load_sam_mask_decoder(config.sam_checkpoint,
+                                                                 decoder_config)
+        else:
+            mask_decoder, prompt_encoder = build_mask_decoder(decoder_config)
+    if image_encoder is not None:
+        image_encoder.requires_grad_(False)  # frozen, as LISA's (train/trainable.py keeps it so)
     return SegHead(mask_decoder=mask_decoder, prompt_encoder=prompt_encoder, lm_dim=lm_dim,
                    vision_dim=vision.config.width, grid_size=vision.grid_size,
-                   dense_prompt=config.dense_prompt)
+                   dense_prompt=config.dense_prompt, image_encoder=image_encoder)
 
 
 def build_vlm_from_config(config: VLMConfig, lm: Transformer | None = None,

@@ -6,7 +6,8 @@
 Each patch predicts a u×u block of pixel embeddings (u = 4, the upscaling of SAM's decoder), so
 the mask is as fine as SAM's low-resolution output. It has no attention between prompt and image:
 what to segment must already be in the query. A teaching baseline beside LISA's SAM-style decoder
-(seg_head.py); same forward and loss, same module names for the parts that train.
+(seg_head.py); same forward (the loss is seg_losses.mask_loss for both), same module
+names for the parts that train.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.models.seg_head import SegHead
 
 
 class DotProductMaskHead(nn.Module):
@@ -42,5 +42,3 @@ class DotProductMaskHead(nn.Module):
         low_res = torch.einsum("nc,nchw->nhw", query, pixels) / math.sqrt(self.dim)
         return [F.interpolate(low_res[k][None, None].float(), size=tuple(size), mode="bilinear",
                               align_corners=False)[0, 0] for k, size in enumerate(sizes)]
-
-    loss = staticmethod(SegHead.loss)

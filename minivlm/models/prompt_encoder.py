@@ -8,6 +8,8 @@ state of the `[SEG]` token. What it still needs from SAM's `modeling/prompt_enco
     mask prompt is given.
 Names match SAM's, so a checkpoint's `prompt_encoder.pe_layer.*` and
 `prompt_encoder.no_mask_embed.weight` load onto `NoMaskPromptEncoder` by stripping the prefix.
+SAM's full prompt encoder (points, boxes, masks) is `sam_prompt_encoder.PromptEncoder`, built on
+the same `PositionEmbeddingRandom`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ class PositionEmbeddingRandom(nn.Module):
             [x_embed[None, :].expand(height, width), y_embed[:, None].expand(height, width)], dim=-1
         )  # (H, W, 2), x first as in SAM
         return self._pe_encoding(coords).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+
+    def forward_with_coords(self, coords: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Encoding of pixel coordinates (B, N, 2), (x, y) in an (H, W) image -> (B, N, C).
+
+        SAM's point and box-corner prompts; x is divided by the width, y by the height.
+        """
+        height, width = image_size
+        scale = coords.new_tensor([width, height], dtype=torch.float32)  # (2,)
+        return self._pe_encoding(coords.to(torch.float32) / scale)
 
 
 class NoMaskPromptEncoder(nn.Module):

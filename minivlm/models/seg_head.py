@@ -4,32 +4,51 @@
     the image's patch tokens (n, P, Dv) ─► image_to_mask ─► image_embeddings (n, C, g, g)
     random-Fourier image_pe (1, C, g, g), learned no-mask dense prompt (n, C, g, g)
         ─► MaskDecoder ─► (n, 1, 4g, 4g) mask logits ─► bilinear to each image's (H, W)
-LISA feeds SAM's own ViT-H image embeddings; by default we reuse the VLM's vision tower (its
-patch grid, projected to the decoder width) so the whole model trains on a CPU.
+By default the image input is the VLM's own vision tower (its patch grid, projected to the
+decoder width), so the whole model trains on a CPU. LISA feeds SAM's own frozen ViT image
+embeddings instead (`--seg-image-encoder sam`, sam_image_encoder.py): the image is resized and
+padded as SAM does (sam_transforms.py), its embeddings (n, C, S/16, S/16) go to the decoder as
+they are, and the masks come back through SAM's postprocessing (crop the padding, resize).
+The embeddings are usually computed once per image, before training (data/feature_cache.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.models.mask_decoder import MaskDecoder
+from minivlm.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 from minivlm.models.prompt_encoder import NoMaskPromptEncoder
-from minivlm.models.seg_losses import dice_loss, sigmoid_bce_loss
+from minivlm.models.sam_image_encoder import ImageEncoderViT
+from minivlm.models.sam_transforms import postprocess_masks
 from minivlm.ranges import at_least, check_ranges, one_of
+
+
+# The decoder's sizes are MaskDecoderConfig's (their one owner, defaults included); SegConfig
+# carries them as flags under these names, and the two convert only through this table.
+DECODER_FIELDS = {"decoder_dim": "transformer_dim", "decoder_depth": "depth",
+                  "decoder_heads": "num_heads", "decoder_mlp_dim": "mlp_dim",
+                  "iou_head_hidden_dim": "iou_head_hidden_dim"}
+_DECODER = MaskDecoderConfig()
 
 
 @dataclass
 class SegConfig:
     enabled: bool = False
-    decoder_dim: int = field(default=64, metadata=at_least(1))
-    decoder_depth: int = field(default=2, metadata=at_least(1))
-    decoder_heads: int = field(default=4, metadata=at_least(1))
-    decoder_mlp_dim: int = field(default=128, metadata=at_least(1))
-    iou_head_hidden_dim: int = field(default=64, metadata=at_least(1))
+    decoder_dim: int = field(default=_DECODER.transformer_dim, metadata=at_least(1))
+    decoder_depth: int = field(default=_DECODER.depth, metadata=at_least(1))
+    decoder_heads: int = field(default=_DECODER.num_heads, metadata=at_least(1))
+    decoder_mlp_dim: int = field(default=_DECODER.mlp_dim, metadata=at_least(1))
+    iou_head_hidden_dim: int = field(default=_DECODER.iou_head_hidden_dim, metadata=at_least(1))
     sam_checkpoint: str = ""  # an original SAM .pth: its decoder is loaded, decoder_* become SAM's
+    # what the decoder sees of the image: "tower" = the VLM's patch tokens, projected; "sam" =
+    # SAM's own ViT encoder from --seg-sam-checkpoint, frozen (LISA)
+    image_encoder: str = field(default="tower", metadata=one_of("tower", "sam"))
+    # the SAM encoder's sizes, read from the checkpoint's shapes (build.py), so that config.json
+    # rebuilds it without the file; {} with the tower
+    sam_encoder: dict = field(default_factory=dict)
     # "sam": LISA's SAM-style decoder; "dot": a per-pixel dot product (dot_mask_head.py), a baseline
     head: str = field(default="sam", metadata=one_of("sam", "dot"))
     # which hidden state prompts the head: "predicting" = the one that predicts [SEG] (LISA's
@@ -48,6 +67,18 @@ class SegConfig:
         if self.head == "dot" and (self.dense_prompt != "none" or self.sam_checkpoint):
             raise ValueError("--seg-head dot has no SAM decoder: it takes neither "
                              "--seg-dense-prompt nor --seg-sam-checkpoint")
+        if self.image_encoder == "sam" and not (self.sam_checkpoint or self.sam_encoder):
+            raise ValueError("--seg-image-encoder sam needs --seg-sam-checkpoint FILE "
+                             "(an original sam_vit_{b,l,h}_*.pth, or a smaller one)")
+
+    def decoder_config(self) -> MaskDecoderConfig:
+        return MaskDecoderConfig(**{theirs: getattr(self, ours)
+                                    for ours, theirs in DECODER_FIELDS.items()})
+
+    def with_decoder(self, decoder: MaskDecoderConfig) -> "SegConfig":
+        """This config with `decoder`'s sizes (SAM's, when its decoder is loaded)."""
+        return replace(self, **{ours: getattr(decoder, theirs)
+                                for ours, theirs in DECODER_FIELDS.items()})
 
 
 class SimilarityPrompt(nn.Module):
@@ -70,29 +101,45 @@ class SimilarityPrompt(nn.Module):
 
 
 class SegHead(nn.Module):
-    """The [SEG] state and the image's patch tokens in, mask logits out. The decoder and prompt
-    pieces come built (models/build.py: random, or SAM's own); here are only LISA's two
-    projections into the decoder's width."""
+    """The [SEG] state and the image in, mask logits out. The decoder and prompt pieces come
+    built (models/build.py: random, or SAM's own), and so does SAM's image encoder when it is
+    the image input; here are only LISA's projections into the decoder's width."""
 
     def __init__(self, *, mask_decoder: MaskDecoder, prompt_encoder: NoMaskPromptEncoder,
-                 lm_dim: int, vision_dim: int, grid_size: int, dense_prompt: str = "none"):
+                 lm_dim: int, vision_dim: int, grid_size: int, dense_prompt: str = "none",
+                 image_encoder: ImageEncoderViT | None = None):
         super().__init__()
         self.mask_decoder, self.prompt_encoder = mask_decoder, prompt_encoder
         dim = mask_decoder.transformer_dim
         # LISA's text_hidden_fcs: Linear(D, D) -> ReLU -> Linear(D, C) (its dropout is 0).
         self.text_hidden_fcs = nn.Sequential(nn.Linear(lm_dim, lm_dim), nn.ReLU(),
                                              nn.Linear(lm_dim, dim))
-        self.image_to_mask = nn.Linear(vision_dim, dim)
-        self.grid_size = grid_size
+        # SAM's embeddings are already the decoder's width; the tower's patch tokens are not.
+        self.image_encoder = image_encoder
+        self.image_to_mask = nn.Linear(vision_dim, dim) if image_encoder is None else None
+        self.grid_size = (grid_size if image_encoder is None  # SAM's: its pos_embed (1, g, g, E)
+                          else image_encoder.pos_embed.shape[1])
         self.similarity_prompt = SimilarityPrompt(dim) if dense_prompt == "similarity" else None
 
-    def forward(self, seg_hidden: torch.Tensor, patch_tokens: torch.Tensor,
+    def image_embeddings(self, seg_images: torch.Tensor) -> torch.Tensor:
+        """SAM's embeddings (n, C, g, g) of the masks' images: given as they are (the feature
+        cache's), or encoded here from SAM-preprocessed pixels (n, 3, S, S)."""
+        if seg_images.shape[-1] == self.grid_size:
+            return seg_images
+        with torch.no_grad():  # frozen, as LISA's
+            return self.image_encoder(seg_images)
+
+    def forward(self, seg_hidden: torch.Tensor, image_features: torch.Tensor,
                 sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """One (H, W) mask-logit map per [SEG]; `patch_tokens[k]` is the image of [SEG] k."""
+        """One (H, W) mask-logit map per [SEG]; `image_features[k]` is the image of [SEG] k: the
+        tower's patch tokens (n, P, Dv), or SAM's embeddings (n, C, g, g)."""
         n, g = seg_hidden.shape[0], self.grid_size
         sparse = self.text_hidden_fcs(seg_hidden)[:, None]  # (n, 1, C)
-        image = self.image_to_mask(patch_tokens)  # (n, P, C)
-        image = image.transpose(1, 2).reshape(n, -1, g, g)  # (n, C, g, g)
+        if self.image_encoder is None:
+            image = self.image_to_mask(image_features)  # (n, P, C)
+            image = image.transpose(1, 2).reshape(n, -1, g, g)  # (n, C, g, g)
+        else:
+            image = image_features.to(sparse.dtype)  # (n, C, g, g)
         dense = self.prompt_encoder(n, (g, g))  # (n, C, g, g)
         if self.similarity_prompt is not None:
             coarse, similarity_dense = self.similarity_prompt(sparse[:, 0], image)
@@ -105,14 +152,9 @@ class SegHead(nn.Module):
         if self.similarity_prompt is not None:
             low_res = low_res + F.interpolate(coarse, size=low_res.shape[-2:], mode="bilinear",
                                               align_corners=False)
+        if self.image_encoder is not None:  # SAM's frame: the image was resized and padded
+            return [postprocess_masks(low_res[k:k + 1].float(), self.image_encoder.img_size,
+                                      tuple(size))[0, 0] for k, size in enumerate(sizes)]
         return [F.interpolate(low_res[k:k + 1].float(), size=tuple(size), mode="bilinear",
                               align_corners=False)[0, 0] for k, size in enumerate(sizes)]
 
-    @staticmethod
-    def loss(predicted: list[torch.Tensor], masks: list[torch.Tensor]):
-        """Mean over masks of BCE and Dice; masks may differ in size, so one at a time."""
-        bce = torch.stack([sigmoid_bce_loss(p[None], m[None].to(p.device))
-                           for p, m in zip(predicted, masks)]).mean()
-        dice = torch.stack([dice_loss(p[None], m[None].to(p.device))
-                            for p, m in zip(predicted, masks)]).mean()
-        return bce, dice

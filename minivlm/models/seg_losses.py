@@ -5,12 +5,14 @@ Its losses see only 0/1 targets (its datasets turn ignore pixels into background
 accept targets holding 255 = ignore, and those pixels drop out of both losses. With no ignore
 pixels the values equal LISA's.
 
-All functions take mask logits (N, H, W) and targets (N, H, W) with values 0, 1 or 255, and
+The two terms take mask logits (N, H, W) and targets (N, H, W) with values 0, 1 or 255, and
 return the mean over the N masks (LISA's `loss.sum() / num_masks`), the sum, or per-mask values.
+`mask_loss` is the one place they are weighted and averaged for training (any mask sizes).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -84,3 +86,15 @@ def dice_loss(
     denominator = (probs / scale).sum(-1) + (target / scale).sum(-1)  # (N,)
     per_mask = 1 - (numerator + eps) / (denominator + eps)  # (N,)
     return _reduce(per_mask, reduction)
+
+
+def mask_loss(predicted: list[Tensor], gt_masks: list[Tensor], *, bce_weight: float,
+              dice_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(bce_weight x BCE + dice_weight x Dice, BCE, Dice), each term the mean over masks of the
+    per-mask loss. Masks may differ in size (each is at its own image's size), so each is scored
+    alone and then averaged: LISA's `sum over masks / num_masks`."""
+    bce = torch.stack([sigmoid_bce_loss(p[None], m[None].to(p.device))
+                       for p, m in zip(predicted, gt_masks)]).mean()
+    dice = torch.stack([dice_loss(p[None], m[None].to(p.device))
+                        for p, m in zip(predicted, gt_masks)]).mean()
+    return bce_weight * bce + dice_weight * dice, bce, dice

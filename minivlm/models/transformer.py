@@ -131,7 +131,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
-        # SDPA, or FlexAttention for a BlockMask; each kv head serves nh/nkv query heads.
+        # SDPA (per sample for DocumentSpans), or FlexAttention for a BlockMask; each kv head
+        # serves nh/nkv query heads.
         out = attend(q, k, v, attn_mask, enable_gqa=self.num_kv_heads != self.num_heads)
         # out: (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
@@ -196,7 +197,8 @@ class Transformer(nn.Module):
         """The final-norm hidden states (B, T, D), without the LM head: a training loss only needs
         logits where there are labels, which saves most of the (T x vocab) head on a VLM.
         `attention_mask`: a (B, S) padding mask (1 = real token), or a ready boolean
-        (B, 1, T, S) mask (True = may attend) or BlockMask, with its `position_ids` (B, T)."""
+        (B, 1, T, S) mask (True = may attend), BlockMask or DocumentSpans, with its
+        `position_ids` (B, T)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Transformer.forward: pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -205,7 +207,7 @@ class Transformer(nn.Module):
         if past_len + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len="
                              f"{self.config.max_seq_len}")
-        if is_ready_mask(attention_mask):  # (B, 1, T, S) or a BlockMask (attention_mask.py)
+        if is_ready_mask(attention_mask):  # (B, 1, T, S), BlockMask, spans (attention_mask.py)
             attn_mask = attention_mask
             if position_ids is None:
                 position_ids = positions_from_mask(None, past_len, T, x.device)

@@ -28,6 +28,7 @@ from minivlm.models.attention_mask import ImageTokensConfig, lm_attention, use_f
 from minivlm.models.generation import decode_steps
 from minivlm.models.image_positions import ImagePositions2D
 from minivlm.models.seg_head import SegConfig, SegHead
+from minivlm.models.seg_losses import mask_loss
 from minivlm.models.transformer import Transformer, TransformerConfig
 from minivlm.models.vision import VisionConfig, VisionTower
 from minivlm.ranges import at_least, check_ranges
@@ -180,9 +181,11 @@ class VLM(nn.Module):
                             self.config.image_tokens.attention, document_ids, flex)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, masks=None,
-                seg_tile_index=None, document_ids=None) -> VLMOutput:
+                seg_tile_index=None, document_ids=None, seg_images=None) -> VLMOutput:
         """`document_ids` (B, T): a packed batch's sample number (1..N over the batch) of each
-        token, 0 = padding; then `seg_tile_index` has one entry per sample, not per row."""
+        token, 0 = padding; then `seg_tile_index` has one entry per sample, not per row.
+        `seg_images`: with SAM's image encoder, the masks' images (its embeddings, or its
+        preprocessed pixels); `seg_tile_index` then points into them (data/batch.py)."""
         embeds, patch_tokens = self.embed(input_ids, pixel_values)
         # Packed rows on CUDA: FlexAttention skips the cross-sample blocks (attention_mask.py).
         flex = document_ids is not None and use_flex_attention(input_ids.device)
@@ -203,13 +206,25 @@ class VLM(nn.Module):
             if len(rows) != len(masks):
                 raise ValueError(f"{len(rows)} [SEG] tokens but {len(masks)} masks")
             samples = rows if document_ids is None else document_ids[rows, cols] - 1
-            predicted = self.seg_head(hidden[rows, cols], patch_tokens[seg_tile_index[samples]],
+            images = self.seg_image_features(patch_tokens, seg_images)
+            predicted = self.seg_head(hidden[rows, cols], images[seg_tile_index[samples]],
                                       [m.shape for m in masks])
-            bce, dice = self.seg_head.loss(predicted, masks)
             c = self.config.seg
-            out.loss = out.loss + c.bce_weight * bce + c.dice_weight * dice
+            weighted, bce, dice = mask_loss(predicted, masks, bce_weight=c.bce_weight,
+                                            dice_weight=c.dice_weight)
+            out.loss = out.loss + weighted
             out.mask_bce, out.mask_dice = bce.detach(), dice.detach()
         return out
+
+    def seg_image_features(self, patch_tokens, seg_images) -> torch.Tensor:
+        """What the seg head reads of the images: the tower's patch tokens (N_tiles, P, Dv), or,
+        with SAM's image encoder, its embeddings of the masks' images (N_seg, C, g, g)."""
+        if getattr(self.seg_head, "image_encoder", None) is None:
+            return patch_tokens
+        if seg_images is None:
+            raise ValueError("the seg head reads SAM's image encoder (--seg-image-encoder sam): "
+                             "the batch needs seg_images (data/batch.py)")
+        return self.seg_head.image_embeddings(seg_images)
 
     def seg_positions(self, input_ids: torch.Tensor):
         """(batch, position) of the hidden state that prompts the mask of each [SEG] token. By
@@ -240,9 +255,10 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def predict_masks(self, input_ids, attention_mask, pixel_values, seg_tile_index,
-                      image_sizes) -> list[torch.Tensor]:
+                      image_sizes, seg_images=None) -> list[torch.Tensor]:
         """Mask logits for each [SEG] in `input_ids` (prompt + generated answer), one (H, W) per
-        [SEG] at its image's size. `seg_tile_index[b]` names the tile sample b is segmented on."""
+        [SEG] at its image's size. `seg_tile_index[b]` names the tile sample b is segmented on
+        (in `seg_images`, SAM's preprocessed images, with SAM's image encoder)."""
         if self.seg_head is None:
             raise ValueError("this model has no segmentation head (seg.enabled is false)")
         embeds, patch_tokens = self.embed(input_ids, pixel_values)
@@ -252,5 +268,5 @@ class VLM(nn.Module):
         rows, cols = self.seg_positions(input_ids)
         if len(rows) == 0:
             return []
-        tiles = patch_tokens[seg_tile_index[rows]]
-        return self.seg_head(hidden[rows, cols], tiles, [image_sizes[r] for r in rows.tolist()])
+        images = self.seg_image_features(patch_tokens, seg_images)[seg_tile_index[rows]]
+        return self.seg_head(hidden[rows, cols], images, [image_sizes[r] for r in rows.tolist()])

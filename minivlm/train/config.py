@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minivlm.data.images import MAX_IMAGE_PIXELS
-from minivlm.ranges import above, at_least, check_ranges
+from minivlm.ranges import above, at_least, between, check_ranges, one_of
 from minivlm.train.fsdp import check_fsdp_flags
 
 
@@ -37,6 +37,12 @@ class TrainConfig:
     # may exceed max_steps: the LR then only ramps up
     warmup_steps: int = field(default=20, metadata=at_least(0))
     weight_decay: float = field(default=0.01, metadata=at_least(0))
+    # AdamW's betas: (0.9, 0.95) as LISA's train_ds.py and nanoGPT (torch's default beta2: 0.999)
+    adam_beta1: float = field(default=0.9, metadata=between(0, 1, high_open=True))
+    adam_beta2: float = field(default=0.95, metadata=between(0, 1, high_open=True))
+    # the decay after warmup (schedule.py): "cosine", or "linear" as LISA's DeepSpeed
+    # WarmupDecayLR (which ends at 0: --lr-schedule linear --min-lr 0)
+    lr_schedule: str = field(default="cosine", metadata=one_of("cosine", "linear"))
     # the vision tower's LR is --lr times this (a tower trained from scratch may want more
     # than the LM it feeds; a pretrained one less); 1 = one LR for every parameter
     vision_lr_scale: float = field(default=1.0, metadata=above(0))
@@ -56,15 +62,33 @@ class TrainConfig:
     group_by_length: bool = False
     pack: bool = False  # several examples per row, up to max_seq_len (data/packing.py)
     skip_bad: bool = False
-    num_workers: int = field(default=0, metadata=at_least(0))
-    preload_images: bool = True  # decode every image once up front (also validates them)
+    # DataLoader processes that decode images (train/loader.py): "auto" = none on the CPU (the
+    # step has the cores), on CUDA one per core the rank has, up to 8; or a count
+    num_workers: str = "auto"
+    # decode every distinct image once up front and hold it (a small set; also proves that every
+    # image decodes); else each item's images are decoded when it is drawn, in the workers
+    preload_images: bool = False
+    # processes that tokenise a data file while it is read: "auto" = one per core, up to 8;
+    # 0 = this process (data/record_encoder.py)
+    tokenize_workers: str = "auto"
+    # where a read and tokenised JSON(L) data file is kept for the next run, keyed by the file,
+    # its images and the tokenizer (data/record_index.py): "" = $MINIVLM_CACHE/data_index, else
+    # ~/.cache/minivlm/data_index; "off" = never kept
+    data_index_cache: str = ""
     cache_image_features: bool = False  # frozen tower: encode every image once, up front
+    # where encoded images are kept between epochs and runs, keyed by image bytes, weights and
+    # preprocessing (data/feature_cache.py): "" = $MINIVLM_CACHE or ~/.cache/minivlm/features
+    feature_cache: str = ""
     # larger images are refused before decoding (data/images.py)
     max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata=at_least(1))
 
     def __post_init__(self):
         check_ranges(self)
         check_fsdp_flags(self)
+        for flag, value in (("--num-workers", self.num_workers),
+                            ("--tokenize-workers", self.tokenize_workers)):
+            if not (str(value) == "auto" or str(value).isdigit()):
+                raise ValueError(f"{flag} must be auto or a count >= 0, got {value!r}")
         if self.time_budget and self.budget_probe_steps > self.warmup_steps:
             # During warmup the LR is max_lr * (step + 1) / warmup_steps whatever the step count,
             # so the timed steps are the same steps a rerun with --max-steps N takes.

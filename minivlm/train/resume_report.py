@@ -9,9 +9,10 @@ from __future__ import annotations
 
 DATA_ORDER = "the data order no longer continues the interrupted run's"
 NO_EFFECT = "no effect on what is learned"
-# What changing each TrainConfig field does to a resumed run; {old}, {new}, {step} filled in.
+# What changing each TrainConfig field does to a resumed run; {old}, {new}, {step} and
+# {schedule} (the run's --lr-schedule) filled in.
 CONSEQUENCES = {
-    "max_steps": "the cosine schedule is rebuilt over {new} steps; the run continues from "
+    "max_steps": "the {schedule} schedule is rebuilt over {new} steps; the run continues from "
                  "step {step}",
     "time_budget": "ignored once the probe has fixed the step count (the checkpoint's count "
                    "stays); before that, the new budget fixes it",
@@ -21,6 +22,11 @@ CONSEQUENCES = {
     "min_lr": "the learning rate follows the new schedule from step {step}",
     "warmup_steps": "the learning rate follows the new schedule from step {step}",
     "weight_decay": "applies from step {step}",
+    # exp_avg and exp_avg_sq are kept and go on with the new betas (bias correction too:
+    # 1 - beta**t with the saved t); trainer.py re-applies the flags over the loaded state.
+    "adam_beta1": "AdamW's moving averages decay at the new rate from step {step}",
+    "adam_beta2": "AdamW's moving averages decay at the new rate from step {step}",
+    "lr_schedule": "the learning rate decays along the {new} schedule from step {step}",
     "vision_lr_scale": "the tower's learning rate changes from step {step}",
     "grad_clip": "applies from step {step}",
     "batch_size": "each step sees {new} examples per process; " + DATA_ORDER,
@@ -41,7 +47,8 @@ CONSEQUENCES = {
     **{name: NO_EFFECT for name in ("out_dir", "val_data", "eval_every", "save_every",
                                     "log_every", "keep", "num_workers", "ddp", "compile",
                                     "grad_checkpoint", "preload_images",
-                                    "cache_image_features")},
+                                    "cache_image_features", "tokenize_workers",
+                                    "data_index_cache")},
 }
 # How this run starts, not what it trains: these differ from the checkpoint's by design.
 RUN_CONTROL = ("resume", "overwrite")
@@ -52,13 +59,14 @@ def resume_changes(saved: dict, requested: dict, step: int) -> list[str]:
     ("train" section). A field the checkpoint does not know (it predates the field) is left
     out: there is nothing to compare it with."""
     lines = []
+    schedule = requested.get("lr_schedule", "cosine")
     for name, new in requested.items():
         if name in RUN_CONTROL or name not in saved or saved[name] == new:
             continue
         old = saved[name]
         what = CONSEQUENCES.get(name, "the run no longer matches an uninterrupted one")
         lines.append(f"resume: {name} {old!r} -> {new!r}: "
-                     + what.format(old=old, new=new, step=step))
+                     + what.format(old=old, new=new, step=step, schedule=schedule))
     if requested.get("max_steps", step + 1) <= step:
         lines.append(f"resume: the checkpoint is at step {step} and --max-steps is "
                      f"{requested['max_steps']}: nothing is left to train")

@@ -14,17 +14,19 @@ A stage starts from one of:
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from minivlm.cli import add_config_args, checked_values, config_from_args, set_config_defaults
-from minivlm.data.batch import ChatDataset
 from minivlm.data.images import ImageProcessor
+from minivlm.data.load_data import (DataOptions, index_settings, load_chat_dataset,
+                                    uses_index)
 from minivlm.data.mixture import MixtureDataset
-from minivlm.data.readers import read_dataset
-from minivlm.data.reasonseg import expand_referring_texts
+from minivlm.data.record_index import default_index_root
+from minivlm.data.seg_data_config import SegDataConfig
 from minivlm.data.skipped import skip_summary, skipped_record, write_skipped
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.data.tokenizer import load_tokenizer
@@ -41,7 +43,9 @@ from minivlm.quant.checkpoint import quant_record
 from minivlm.quant.swap import add_quantize_args, quantize_model
 from minivlm.ranges import above, at_least, between, check_ranges
 from minivlm.train.checkpoint import check_out_dir
-from minivlm.train.distributed import DistributedEnv, init_distributed
+from minivlm.train.distributed import DistributedEnv, barrier, init_distributed
+from minivlm.train.image_features import seg_image_cache, tower_feature_cache, warm
+from minivlm.train.loader import tokenize_workers
 from minivlm.train.trainable import set_trainable, trainable_table
 from minivlm.train.config import TrainConfig
 
@@ -84,6 +88,7 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     add_config_args(parser, TransformerConfig, "lm")
     add_config_args(parser, SegConfig, "seg")
     add_config_args(parser, ImageTokensConfig, "image")
+    add_config_args(parser, SegDataConfig, "seg_data")  # LISA's seg readers (--seg-data-*)
     add_config_args(parser, LoRAConfig, "lora", defaults=lora_defaults)
     add_quantize_args(parser)  # QLoRA: a frozen int8/int4 LM under the adapters (minivlm/quant/)
     parser.add_argument("--train-extra", dest="lora_train_extra", default=argparse.SUPPRESS,
@@ -104,6 +109,7 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     args.train_config = config_from_args(args, TrainConfig)
     args.source = config_from_args(args, SourceConfig)
     args.lora_config = config_from_args(args, LoRAConfig, "lora")
+    args.seg_data = config_from_args(args, SegDataConfig, "seg_data")
     if args.quantize and args.lora_config.r == 0:
         raise ValueError(f"--quantize {args.quantize} freezes the LM's Linears: pass --lora-r N "
                          "too, so that adapters train on the quantised base")
@@ -181,34 +187,62 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
     return model, tokenizer, run_config
 
 
+def data_options(train: TrainConfig, seg_data: SegDataConfig,
+                 expand_texts: bool = False) -> DataOptions:
+    """How this stage reads its --data entries, from its flags."""
+    index_root = (None if train.data_index_cache == "off" else
+                  Path(train.data_index_cache) if train.data_index_cache else default_index_root())
+    return DataOptions(image_dir=train.image_dir or None, seg_data=seg_data,
+                       expand_texts=expand_texts, skip_bad=train.skip_bad,
+                       max_image_pixels=train.max_image_pixels,
+                       tokenize_workers=tokenize_workers(train.tokenize_workers),
+                       index_root=index_root)
+
+
 def load_training_data(paths: str, args, model: VLM, tokenizer, env: DistributedEnv,
                        expand_texts: bool = False):
     """One ChatDataset per comma-separated path; errors stop here, before the first step.
-    `expand_texts`: a ReasonSeg sample becomes one example per referring text."""
+    `expand_texts`: a ReasonSeg sample becomes one example per referring text. A file that is
+    indexed is read by rank 0 first; the other ranks then map its index (data/load_data.py)."""
     train = args.train_config
     processor = ImageProcessor.for_tower(model.vision)
-    encoder = None
-    if train.cache_image_features:
-        if any(p.requires_grad for p in model.vision.parameters()) or not train.preload_images:
-            raise ValueError("--cache-image-features needs a frozen vision tower (leave 'vision' "
-                             "out of --train) and --preload-images")
-        encoder = model.vision  # frozen: its output for an image never changes, so compute once
+    tower_cache = tower_feature_cache(model, processor, train, env)
+    seg_cache = seg_image_cache(model, train, env)
+    options = data_options(train, args.seg_data, expand_texts)
+    sizes = (model.image_tokens_per_tile, model.config.lm.max_seq_len)
+    settings = (index_settings(tokenizer, processor, *sizes, options)
+                if options.index_root is not None else None)
     datasets, skipped_all = [], []
     for path in filter(None, paths.split(",")):
-        errors: list[str] | None = [] if train.skip_bad else None
-        samples = read_dataset(path, train.image_dir or None, errors=errors)
-        if expand_texts:
-            samples = expand_referring_texts(samples)
-        dataset = ChatDataset(samples, tokenizer, processor, model.image_tokens_per_tile,
-                              model.config.lm.max_seq_len, train.preload_images, train.skip_bad,
-                              image_encoder=encoder, max_image_pixels=train.max_image_pixels)
-        skipped = [skipped_record(path, message) for message in (errors or []) + dataset.errors]
+        started = time.time()
+        serial = uses_index(path, options)  # rank 0 indexes it; the others then map that
+        if env.is_main or not serial:
+            dataset, origin = load_chat_dataset(path, tokenizer, processor, *sizes, options,
+                                                settings)
+        if serial:
+            barrier(env)
+            if not env.is_main:
+                dataset, origin = load_chat_dataset(path, tokenizer, processor, *sizes,
+                                                    options, settings)
+        warm(tower_cache, dataset.image_paths(), env)
+        warm(seg_cache, dataset.seg_image_paths(), env)
+        if train.preload_images or tower_cache is not None or seg_cache is not None:
+            dataset.prepare_images(train.preload_images, tower_cache, seg_cache)
+        if train.skip_bad:  # what fails only when decoded is added to the same list
+            dataset.late_skip_log = (Path(train.out_dir) / "skipped.jsonl", path)
+        skipped = [skipped_record(path, message) for message in dataset.errors]
         skipped_all += skipped
         if env.is_main:
             print(f"data {path}: {len(dataset)} examples"
                   + (f", {len(skipped)} bad records skipped:\n{skip_summary(skipped)}"
                      if skipped else ""))
+            print(f"  {origin}, {time.time() - started:.1f} s"
+                  + (", images preloaded" if train.preload_images else ""))
         datasets.append(dataset)
+    for name, cache in (("vision features", tower_cache), ("SAM image embeddings", seg_cache)):
+        if cache is not None and env.is_main:
+            print(f"{name}: {cache.misses} image(s) encoded now, the rest read from "
+                  f"{cache.directory}")
     if train.skip_bad and env.is_main:
         write_skipped(Path(train.out_dir) / "skipped.jsonl", skipped_all)
         if skipped_all:

@@ -1,7 +1,8 @@
 """Which parameters train: the one place that decides it, and the table every script prints.
 
 A stage names parts of the VLM (`--train`, or "auto": the stage's own parts plus any part that
-starts from random weights); `--vision-freeze` keeps the tower out. With LoRA adapters on the
+starts from random weights); `--vision-freeze` keeps the tower out, and SAM's image encoder
+(`--seg-image-encoder sam`) never trains. With LoRA adapters on the
 language model (LISA's recipe) its own weights stay frozen under them, and the modules named by
 `--lora-train-extra` train in full beside them.
 """
@@ -71,6 +72,8 @@ def set_trainable(model: VLM, train: str = "auto", *, stage_parts: Iterable[str]
             modules[part].requires_grad_(True)
     if "projector" in parts and model.image_positions is not None:  # the image tokens' input
         model.image_positions.requires_grad_(True)
+    if getattr(model.seg_head, "image_encoder", None) is not None:
+        model.seg_head.image_encoder.requires_grad_(False)  # SAM's ViT stays frozen, as in LISA
     return {part for part in parts if modules[part] is not None}
 
 
@@ -83,6 +86,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def _row(name: str) -> str:
     if name.startswith("lm.") and (".lora_A." in name or ".lora_B." in name):
         return "lm LoRA adapters"
+    if name.startswith("seg_head.image_encoder."):
+        return "SAM image encoder"
     return {"seg_head": "seg head"}.get(name.split(".")[0], name.split(".")[0])
 
 

@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minivlm.data.batch import collate
@@ -31,9 +30,10 @@ from minivlm.train.config import TrainConfig, param_groups, resolve_dtype
 from minivlm.train.distributed import (DistributedEnv, barrier, broadcast_int, no_sync_if,
                                        wrap_ddp)
 from minivlm.train.fsdp import shard_model, unsharded
+from minivlm.train.loader import loader_workers, training_loader
 from minivlm.train.resume_report import resume_changes
 from minivlm.train.results import write_results
-from minivlm.train.schedule import cosine_warmup_lr
+from minivlm.train.schedule import SCHEDULES
 from minivlm.train.step_log import StepWindow, step_line
 from minivlm.train.time_budget import StepBudget
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
@@ -52,7 +52,7 @@ class Trainer:
         if config.fsdp:  # before the optimizer: the parameters become DTensor shards
             shard_model(self.model, env, self.dtype)
         groups = param_groups(self.model, config.weight_decay, config.vision_lr_scale)
-        adamw = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+        adamw = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
         self.optimizer = (ZeRO1(groups, torch.optim.AdamW, **adamw) if config.zero1
                           else torch.optim.AdamW(groups, **adamw))
         # fp16's 5-bit exponent underflows small gradients, so the loss is scaled up first. bf16
@@ -95,8 +95,14 @@ class Trainer:
         if differences:
             raise ValueError(f"{ckpt}: cannot resume, the model config differs: "
                              + "; ".join(differences[:5]))
+        # Optimizer.load_state_dict also restores the saved groups' hyperparameters; this
+        # run's flags (betas, weight decay) must win, as resume_report.py says they do.
+        flags = [{k: v for k, v in g.items() if k != "params"}
+                 for g in self.optimizer.param_groups]
         load_model_and_optimizer(ckpt, self.model, self.optimizer, self.env,
                                  zero1=self.config.zero1, fsdp=self.config.fsdp)
+        for group, settings in zip(self.optimizer.param_groups, flags):
+            group.update(settings)
         state = read_trainer_state(ckpt)
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -121,12 +127,10 @@ class Trainer:
         batches = self.plan.from_micro_step(self.step * self.config.grad_accum)
         dataset, collate_fn = ((PackedRows(self.train_set), collate_packed) if self.config.pack
                                else (self.train_set, collate))
-        return iter(DataLoader(dataset, batch_sampler=batches,
-                               collate_fn=functools.partial(collate_fn, pad_id=pad_id),
-                               # its own generator: creating the iterator must not draw from the
-                               # global RNG, or a resumed run's dropout masks would differ
-                               generator=torch.Generator().manual_seed(self.config.seed),
-                               num_workers=self.config.num_workers))
+        device = self.env.device
+        return training_loader(dataset, batches, functools.partial(collate_fn, pad_id=pad_id),
+                               loader_workers(self.config.num_workers, device), device,
+                               self.config.seed)
 
     def _to_device(self, batch: dict) -> dict:
         device = self.env.device
@@ -167,8 +171,8 @@ class Trainer:
             step_started = time.time()
             if self.budget is not None:
                 self.budget.begin_step()
-            lr = cosine_warmup_lr(self.step, max_lr=c.lr, warmup_steps=c.warmup_steps,
-                                  total_steps=self.max_steps, min_lr=c.min_lr)
+            lr = SCHEDULES[c.lr_schedule](self.step, max_lr=c.lr, warmup_steps=c.warmup_steps,
+                                          total_steps=self.max_steps, min_lr=c.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             for micro in range(c.grad_accum):

@@ -16,6 +16,12 @@ ordinary readers load them with no extra argument):
   val.json, eval.json    Chiron-o1 eval format, one question per item, every type equally often;
                          "reasoning" is "" unless --reasoning (then filled for closed items)
   reasonseg/{train,val,test}/NNNNNN.jpg + .json   ReasonSeg (LISA labelme) format
+  sem_seg/{train,val,test}/  LISA's sem_seg layout: images/NNNNNN.png, annotations/NNNNNN.png
+                         (class index per pixel), classes.txt (background and the shape kinds)
+  refer/                 LISA's refer layout: refs(unc).p (splits train, val, test),
+                         instances.json (COCO polygons), images/SPLIT_NNNNNN.png
+                         (sem_seg and refer: as many scenes per split as ReasonSeg, each from
+                         its own random stream, so the other files do not change)
   meta.json              seed, config, counts, and per question type the number of possible
                          answers, chance (1 / that number) and the majority-answer baseline
                          (see stats.py)
@@ -42,12 +48,14 @@ from minivlm.cli import add_config_args, config_from_args
 from minivlm.data.shapes.config import ShapesConfig
 from minivlm.data.shapes.stats import (population_answers, question_type_stats,
                                       referring_type_counts)
-from minivlm.data.shapes.writers import write_eval, write_reasonseg, write_train
+from minivlm.data.shapes.writers import (write_eval, write_reasonseg, write_refer, write_sem_seg,
+                                         write_train)
 from minivlm.errors import run_cli
 
 GENERATOR = "minivlm.data.shapes"
-VERSION = 1  # bump when the output changes, so cached datasets are regenerated
-OUTPUTS = ("images", "reasonseg", "pretrain.json", "sft.json", "val.json", "eval.json", "meta.json")
+VERSION = 2  # bump when the output changes, so cached datasets are regenerated (2: sem_seg, refer)
+OUTPUTS = ("images", "reasonseg", "sem_seg", "refer", "pretrain.json", "sft.json", "val.json",
+           "eval.json", "meta.json")
 
 
 def _prepare(out: Path, stamp: dict) -> bool:
@@ -73,15 +81,16 @@ def generate(out_dir: str | Path, seed: int = 0,
              config: ShapesConfig | None = None) -> dict[str, Path]:
     """Write the whole dataset under `out_dir`, unless the same seed and config are already there.
 
-    Returns the paths by name: pretrain, sft, val, eval (files), reasonseg_{train,val,test}
-    (folders), meta.
+    Returns the paths by name: pretrain, sft, val, eval (files), reasonseg_{train,val,test},
+    sem_seg_{train,val,test}, refer (folders), meta.
     """
     c = config or ShapesConfig()
     out = Path(out_dir)
     paths = {"pretrain": out / "pretrain.json", "sft": out / "sft.json", "val": out / "val.json",
              "eval": out / "eval.json",
              **{f"reasonseg_{s}": out / "reasonseg" / s for s in ("train", "val", "test")},
-             "meta": out / "meta.json"}
+             **{f"sem_seg_{s}": out / "sem_seg" / s for s in ("train", "val", "test")},
+             "refer": out / "refer", "meta": out / "meta.json"}
     stamp = {"generator": GENERATOR, "version": VERSION, "seed": seed, "config": asdict(c)}
     if _prepare(out, stamp):
         return paths
@@ -92,9 +101,10 @@ def generate(out_dir: str | Path, seed: int = 0,
     pretrain, sft = write_train(out, seed, c)
     val = write_eval(out, "val", seed, c.num_val, c)
     test = write_eval(out, "test", seed, c.num_test, c)
-    seg = {s: write_reasonseg(out, s, seed, n, c)
-           for s, n in (("train", c.num_seg_train), ("val", c.num_seg_val),
-                        ("test", c.num_seg_test))}
+    seg_counts = {"train": c.num_seg_train, "val": c.num_seg_val, "test": c.num_seg_test}
+    seg = {s: write_reasonseg(out, s, seed, n, c) for s, n in seg_counts.items()}
+    sem_seg = {s: write_sem_seg(out, s, seed, n, c) for s, n in seg_counts.items()}
+    refs = write_refer(out, seed, seg_counts, c)
     for name, records in (("pretrain", pretrain), ("sft", sft), ("val", val), ("eval", test)):
         paths[name].write_text(json.dumps(records, indent=1))
 
@@ -104,7 +114,10 @@ def generate(out_dir: str | Path, seed: int = 0,
                        "sft_records": len(sft),
                        "sft_questions": sum(len(r["question_types"]) for r in sft),
                        "val": len(val), "eval": len(test),
-                       **{f"reasonseg_{s}": len(a) for s, a in seg.items()}},
+                       **{f"reasonseg_{s}": len(a) for s, a in seg.items()},
+                       **{f"sem_seg_{s}": n for s, n in sem_seg.items()},
+                       **{f"refer_images_{s}": n for s, n in seg_counts.items()},
+                       **{f"refer_refs_{s}": n for s, n in refs.items()}},
             "question_types": {"val": question_type_stats(val, c.max_shapes, population),
                                "eval": question_type_stats(test, c.max_shapes, population)},
             "referring_types": {s: referring_type_counts(anns) for s, anns in seg.items()},

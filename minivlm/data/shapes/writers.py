@@ -1,4 +1,5 @@
-"""Writers for one split of the shapes world at a time: train (pretrain + SFT), eval, ReasonSeg.
+"""Writers for one split of the shapes world at a time: train (pretrain + SFT), eval, ReasonSeg,
+and the same kind of scenes in LISA's sem_seg and refer layouts.
 
 Each writer owns one random stream, named by its purpose ("train", "eval-val", "seg-test"), so
 changing one count never shifts another file's contents. generate.py calls them in order and writes
@@ -8,18 +9,25 @@ the JSON files and meta.json.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN, SEG_TOKEN
+from minivlm.data.coco_masks import pixel_outline
 from minivlm.data.shapes.config import ShapesConfig
 from minivlm.data.shapes.questions import SINGLE_IMAGE, TWO_IMAGE, Question, referring_expressions
-from minivlm.data.shapes.scene import (Scene, caption_scene, render, sample_scene, scene_key,
-                                       scene_to_json, split_of)
+from minivlm.data.shapes.scene import (KINDS, Scene, caption_scene, render, sample_scene,
+                                       scene_key, scene_to_json, shape_mask, split_of)
 
 PRETRAIN_PROMPTS = ("Write a short caption for the image.", "What is in the picture?")
 TWO_IMAGE_PREFIX = f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n"
 SIMPLE_REFERRING = ("name", "colour", "kind")  # the rest need a step of reasoning
+SEM_SEG_CLASSES = ("background",) + KINDS  # label value k is class k; every pixel has a class
+SENTENCES_PER_REF = 3  # at most; refcoco has about three per referred object
 
 
 class SceneWriter:
@@ -157,3 +165,71 @@ def write_reasonseg(out: Path, split: str, seed: int, num_items: int,
         (folder / f"{name}.json").write_text(json.dumps(annotation, indent=1))
         annotations.append(annotation)
     return annotations
+
+
+def write_sem_seg(out: Path, split: str, seed: int, num_items: int, c: ShapesConfig) -> int:
+    """sem_seg/SPLIT/: images/NNNNNN.png, annotations/NNNNNN.png (0 background, k the k-th kind,
+    as in classes.txt), from scenes of their own stream."""
+    writer = SceneWriter(out, split, seed, f"semseg-{split}", c)
+    folder = out / "sem_seg" / split
+    for sub in ("images", "annotations"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("\n".join(SEM_SEG_CLASSES) + "\n")
+    for j in range(num_items):
+        scene = writer.scene()
+        label = np.zeros((c.image_size, c.image_size), dtype=np.uint8)
+        for shape in scene:  # shapes never overlap: the order does not matter
+            label[shape_mask(shape, c.image_size) == 1] = SEM_SEG_CLASSES.index(shape.kind)
+        render(scene, c.image_size).save(folder / "images" / f"{j:06d}.png", format="PNG")
+        Image.fromarray(label, "L").save(folder / "annotations" / f"{j:06d}.png", format="PNG")
+    return num_items
+
+
+def write_refer(out: Path, seed: int, counts: dict[str, int], c: ShapesConfig) -> dict[str, int]:
+    """refer/: refs(unc).p (a pickle of plain dicts, as refcoco's), instances.json (COCO, each
+    shape a polygon along its pixels' edges, so it decodes to exactly the painted pixels) and
+    images/SPLIT_NNNNNN.png. Every shape of a scene is referred to, by its name and up to two more
+    of its expressions. Returns the number of refs per split."""
+    folder = out / "refer"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, refs = [], [], []
+    num_sentences = 0
+    for split, num_items in counts.items():
+        writer = SceneWriter(out, split, seed, f"refer-{split}", c)
+        for j in range(num_items):
+            scene = writer.scene(min_shapes=max(2, c.min_shapes))
+            file_name = f"{split}_{j:06d}.png"
+            render(scene, c.image_size).save(folder / "images" / file_name, format="PNG")
+            image_id = len(images) + 1
+            images.append({"id": image_id, "file_name": file_name, "height": c.image_size,
+                           "width": c.image_size, "scene": scene_to_json(scene)})
+            options = referring_expressions(scene, c.image_size)
+            for shape in scene:
+                mask = shape_mask(shape, c.image_size)
+                rows, cols = np.nonzero(mask)
+                ann_id = len(annotations) + 1
+                annotations.append({
+                    "id": ann_id, "image_id": image_id, "category_id": KINDS.index(shape.kind) + 1,
+                    "segmentation": [pixel_outline(mask)], "area": int(mask.sum()), "iscrowd": 0,
+                    "bbox": [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1),
+                             int(rows.max() - rows.min() + 1)]})
+                # refcoco's expressions carry no article ("man on the left"): LISA's templates
+                # put "the" before them ("Can you segment the red circle in this image?")
+                phrases = [o[1].removeprefix("the ") for o in options
+                           if o[0] is shape and o[3] != "name"]
+                picked = [shape.name] + writer.rng.sample(
+                    phrases, min(SENTENCES_PER_REF - 1, len(phrases)))
+                sentences = [{"sent": p, "raw": p, "tokens": p.split(),
+                              "sent_id": num_sentences + k + 1} for k, p in enumerate(picked)]
+                num_sentences += len(sentences)
+                refs.append({"ref_id": len(refs) + 1, "ann_id": ann_id, "image_id": image_id,
+                             "split": split, "category_id": KINDS.index(shape.kind) + 1,
+                             "file_name": file_name, "sentences": sentences,
+                             "sent_ids": [s["sent_id"] for s in sentences], "target": shape.name})
+    instances = {"images": images, "annotations": annotations,
+                 "categories": [{"id": k + 1, "name": kind, "supercategory": "shape"}
+                                for k, kind in enumerate(KINDS)]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    # protocol 2, as the refcoco pickles were written (Python 2)
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return {split: sum(r["split"] == split for r in refs) for split in counts}
