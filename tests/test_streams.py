@@ -27,7 +27,7 @@ from minivlm.data.readers import read_dataset
 from minivlm.data.shapes.config import ShapesConfig
 from minivlm.data.shapes.export import ExportConfig, export
 from minivlm.data.shapes.generate import generate
-from minivlm.data.shapes.writers import PRETRAIN_PROMPTS
+from minivlm.data.record_rules import PRETRAIN_PROMPTS
 from minivlm.data.shard_stream import (POSITION_KEY, ShardStream, expand_braces, merge_states,
                                        stream_positions)
 from minivlm.data.tokenizer import load_tokenizer

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from minivlm.data.readers import LLAVA_ROLES, add_placeholders, resolve_image
+from minivlm.data.record_rules import (PRETRAIN_PROMPTS, add_placeholders, llava_turns,
+                                       resolve_image)
 from minivlm.data.sample import Sample, check_sample, get_field, read_text
-from minivlm.data.shapes.writers import PRETRAIN_PROMPTS
 from minivlm.errors import one_line
 
 LAYOUTS = {  # kind -> (fields it needs, fields it may have), in the order they are tried
@@ -89,23 +89,6 @@ def caption_turns(caption: str, num_images: int) -> list[dict]:
     prompt = PRETRAIN_PROMPTS[zlib.crc32(caption.encode("utf-8")) % len(PRETRAIN_PROMPTS)]
     return [{"role": "user", "content": "<image>\n" * num_images + prompt},
             {"role": "assistant", "content": caption}]
-
-
-def llava_turns(conversations: object, where: str) -> list[dict]:
-    """[{"from", "value"}] as turns (readers.py's LLaVA rule)."""
-    if not isinstance(conversations, list):
-        raise ValueError(f"{where}: 'conversations' should be a list, "
-                         f"found {type(conversations).__name__}")
-    turns = []
-    for i, message in enumerate(conversations):
-        at = f"{where}: conversations[{i}]"
-        speaker = get_field(message, "from", str, at)
-        if speaker not in LLAVA_ROLES:
-            raise ValueError(f"{at}: 'from' should be one of {sorted(LLAVA_ROLES)}, "
-                             f"found '{speaker}'")
-        turns.append({"role": LLAVA_ROLES[speaker],
-                      "content": get_field(message, "value", str, at)})
-    return turns
 
 
 def image_entries(cell: object, where: str, base_dir: Path | None) -> list[Path | bytes]:

@@ -32,6 +32,7 @@ class DataOptions:
     tokenize_workers: int = 0
     index_root: Path | None = None  # None: no index is read or written
     index_min_bytes: int = INDEX_MIN_BYTES
+    hf_columns: str = ""  # a Hugging Face dataset's column mapping (hf_datasets.parse_columns)
 
 
 def index_settings(tokenizer, image_processor, tokens_per_tile: int, max_seq_len: int,
@@ -74,7 +75,7 @@ def load_chat_dataset(path: str, tokenizer, image_processor, tokens_per_tile: in
                                errors=errors), f"index {folder}"
     reader_errors: list[str] | None = [] if options.skip_bad else None
     samples = iter_dataset(path, options.image_dir, errors=reader_errors,
-                           seg_data=options.seg_data)
+                           seg_data=options.seg_data, columns=options.hf_columns or None)
     if options.expand_texts:
         samples = iter_expanded_texts(samples)
     dataset = ChatDataset(samples, tokenizer, image_processor, tokens_per_tile, max_seq_len,

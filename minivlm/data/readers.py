@@ -7,12 +7,14 @@
   read_reasonseg_dir   LISA's ReasonSeg folder: NAME.jpg + labelme NAME.json (in reasonseg.py)
   read_sem_seg_dir, read_ade20k, read_cocostuff   class-index PNGs (in sem_seg.py)
   read_refer_dir       refcoco & co.: refs(unc).p + instances.json (in refer_seg.py)
+  read_hf_dataset      a Hugging Face dataset: a save_to_disk folder or parquet file(s)
+                       (in hf_datasets.py; "hf:PATH", or told from the files)
   read_dataset         picks one of the above from the path and the record keys, or from a
                        folder's contents, or from a prefix naming the kind ("ade20k:PATH");
                        iter_dataset yields the same samples one at a time (a JSON file is never
                        held whole: sample.iter_records)
 
-Rules shared by every reader:
+Rules shared by every reader (the code: record_rules.py):
   - Image paths. Absolute paths are used as given. A relative path p is looked up as
     image_dir/p, then image_dir/images/p; the first that exists wins. image_dir defaults
     to the data file's folder. The second place is what lets the Chiron-o1 demo JSONL
@@ -34,46 +36,16 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
-from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN
+from minivlm.constants import FINAL_ANSWER_PREFIX
+from minivlm.data.hf_datasets import read_hf_dataset
 from minivlm.data.reasonseg import REASONSEG_IMAGE_SUFFIXES, read_reasonseg_dir
+from minivlm.data.record_rules import add_placeholders, llava_turns, resolve_image
 from minivlm.data.refer_seg import read_refer_dir, refs_files
 from minivlm.data.sample import (Converter, Sample, convert_all, extra_fields, get_field,
                                  iter_converted, iter_records, read_records, string_list)
 from minivlm.data.seg_data_config import SegDataConfig
 from minivlm.data.sem_seg import (ADE20K_SPLITS, CLASS_FILES, ade20k_root, read_ade20k,
                                   read_cocostuff, read_sem_seg_dir)
-
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
-               "assistant": "assistant"}
-
-
-# ---------------------------------------------------------------------------- shared rules
-def resolve_image(name: str, image_dir: Path, where: str) -> Path:
-    """The file a record's image name points to: absolute as given, else under `image_dir` or
-    its images/ folder."""
-    candidates = ([Path(name)] if Path(name).is_absolute()
-                  else [image_dir / name, image_dir / "images" / name])
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{where}: image '{name}' not found "
-                     f"(looked for {' and '.join(map(str, candidates))})")
-
-
-def add_placeholders(turns: list[dict], num_images: int, where: str) -> list[dict]:
-    """Prepend one placeholder per image to the first user turn when the text has none."""
-    found = sum(t["content"].count(IMAGE_TOKEN) for t in turns)
-    if found == 0 and num_images > 0:
-        first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
-        if first_user is None:
-            raise ValueError(f"{where}: {num_images} image(s) but no user turn to put them in")
-        turns = [dict(t) for t in turns]
-        turns[first_user]["content"] = ((IMAGE_TOKEN + "\n") * num_images
-                                        + turns[first_user]["content"])
-    elif found != num_images:
-        raise ValueError(f"{where}: {found} {IMAGE_TOKEN} placeholder(s) in the text "
-                         f"but {num_images} image(s) listed")
-    return turns
 
 
 def _image_dir(path: Path, image_dir: str | Path | None) -> Path:
@@ -82,16 +54,7 @@ def _image_dir(path: Path, image_dir: str | Path | None) -> Path:
 
 # ---------------------------------------------------------------------------- record converters
 def _llava_record(record: object, where: str, image_dir: Path) -> Sample:
-    conversations = get_field(record, "conversations", list, where)
-    turns = []
-    for i, message in enumerate(conversations):
-        at = f"{where}: conversations[{i}]"
-        speaker = get_field(message, "from", str, at)
-        if speaker not in LLAVA_ROLES:
-            raise ValueError(f"{at}: 'from' should be one of {sorted(LLAVA_ROLES)}, "
-                             f"found '{speaker}'")
-        turns.append({"role": LLAVA_ROLES[speaker],
-                      "content": get_field(message, "value", str, at)})
+    turns = llava_turns(get_field(record, "conversations", list, where), where)
     names = string_list(get_field(record, "image", (str, list), where, default=[]), "image",
                         where)
     turns = add_placeholders(turns, len(names), where)
@@ -183,29 +146,49 @@ def folder_kind(path: Path) -> str:
                      + ". Or name it: KIND:PATH")
 
 
+HF_KIND = "hf"  # the prefix of a Hugging Face dataset: "hf:PATH"
+
+
 def split_kind(path: str | Path) -> tuple[str | None, Path]:
     """"ade20k:data/ADE" -> ("ade20k", Path("data/ADE")); a path with no known prefix -> (None,
     path)."""
     kind, sep, rest = str(path).partition(":")
-    return (kind, Path(rest)) if sep and kind in FOLDER_KINDS else (None, Path(path))
+    known = sep and (kind in FOLDER_KINDS or kind == HF_KIND)
+    return (kind, Path(rest)) if known else (None, Path(path))
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """A parquet/.arrow file, a save_to_disk folder (state.json, dataset_info.json or
+    dataset_dict.json) or a folder of parquet files."""
+    if path.is_file():
+        return path.suffix in (".parquet", ".arrow")
+    markers = ("state.json", "dataset_info.json", "dataset_dict.json")
+    return path.is_dir() and (any((path / name).is_file() for name in markers)
+                              or any(path.glob("*.parquet")))
 
 
 def read_dataset(path: str | Path, image_dir: str | Path | None = None,
                  errors: list[str] | None = None,
-                 seg_data: SegDataConfig | None = None) -> list[Sample]:
+                 seg_data: SegDataConfig | None = None,
+                 columns: str | dict | None = None) -> list[Sample]:
     """Read any supported format (iter_dataset, as a list)."""
-    return list(iter_dataset(path, image_dir, errors, seg_data))
+    return list(iter_dataset(path, image_dir, errors, seg_data, columns))
 
 
 def iter_dataset(path: str | Path, image_dir: str | Path | None = None,
                  errors: list[str] | None = None,
-                 seg_data: SegDataConfig | None = None) -> Iterator[Sample]:
+                 seg_data: SegDataConfig | None = None,
+                 columns: str | dict | None = None) -> Iterator[Sample]:
     """Every sample of any supported format, one at a time (a JSON file is parsed record by
     record). A folder's kind comes from a prefix ("sem_seg:", "ade20k:", "cocostuff:",
     "refer_seg:", "reasonseg:"), else from its contents (folder_kind); a file's from its first
     record's keys. `seg_data` holds the segmentation readers' options; `image_dir` is where
-    refer_seg and cocostuff find their (COCO) images."""
+    refer_seg and cocostuff find their (COCO) images. A Hugging Face dataset ("hf:PATH", or
+    is_hf_dataset) is read by read_hf_dataset with the column mapping `columns`."""
     kind, path = split_kind(path)
+    if kind == HF_KIND or (kind is None and is_hf_dataset(path)):
+        yield from read_hf_dataset(path, columns, errors)
+        return
     if path.is_dir() or kind is not None:
         if not path.is_dir():
             raise ValueError(f"{path}: not a directory (expected a {kind} folder: "

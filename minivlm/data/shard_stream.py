@@ -104,6 +104,10 @@ class ShardStream(IterableDataset):
         first = self.readers_per_rank * rank
         self.positions = {r: {"epoch": 0, "shard": self.reader_shards(r, 0)[0], "index": 0}
                           for r in range(first, first + self.readers_per_rank)}
+        # The reader DataLoader worker 0 reads. A DataLoader deals batches from its workers in
+        # turn, from worker 0; a run resumed after k batches sets k % workers here, so that its
+        # batches come from the readers in the turn an uninterrupted run's would.
+        self.first_worker = 0
 
     # ------------------------------------------------------------------ order
     def epoch_order(self, epoch: int) -> list[int]:
@@ -123,7 +127,7 @@ class ShardStream(IterableDataset):
         if workers != self.num_workers:
             raise ValueError(f"this stream was built for num_workers={self.num_workers} but is "
                              f"read by a DataLoader with num_workers={workers}; give it the same")
-        reader = self.rank * self.readers_per_rank + worker
+        reader = self.rank * self.readers_per_rank + (worker + self.first_worker) % max(workers, 1)
         yield from self._read(reader, dict(self.positions[reader]))
 
     def _read(self, reader: int, position: dict) -> Iterator[Sample]:

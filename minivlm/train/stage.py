@@ -45,7 +45,8 @@ from minivlm.ranges import above, at_least, between, check_ranges
 from minivlm.train.checkpoint import check_out_dir
 from minivlm.train.distributed import DistributedEnv, barrier, init_distributed
 from minivlm.train.image_features import seg_image_cache, tower_feature_cache, warm
-from minivlm.train.loader import tokenize_workers
+from minivlm.train.loader import loader_workers, tokenize_workers
+from minivlm.train.stream_set import StreamSet, load_stream, refuse_flags, stream_source
 from minivlm.train.trainable import set_trainable, trainable_table
 from minivlm.train.config import TrainConfig
 
@@ -96,6 +97,9 @@ def parse_args(description: str, argv=None, train_defaults: dict | None = None,
     parser.add_argument("--sample-rates", default="",
                         help="comma-separated weights, one per --data file: each step draws "
                              "examples from the files in these proportions (LISA)")
+    parser.add_argument("--hf-columns", default="",
+                        help="a Hugging Face dataset's columns for our fields, e.g. "
+                             "image=img,conversations=conv (data/hf_datasets.py)")
     parser.add_argument("--val-limit", type=int, default=200,
                         help="validation items evaluated every --eval-every steps")
     parser.add_argument("--val-max-new-tokens", type=int, default=32,
@@ -187,8 +191,8 @@ def prepare_model(args, env: DistributedEnv, stage: str, auto_parts: set[str],
     return model, tokenizer, run_config
 
 
-def data_options(train: TrainConfig, seg_data: SegDataConfig,
-                 expand_texts: bool = False) -> DataOptions:
+def data_options(train: TrainConfig, seg_data: SegDataConfig, expand_texts: bool = False,
+                 hf_columns: str = "") -> DataOptions:
     """How this stage reads its --data entries, from its flags."""
     index_root = (None if train.data_index_cache == "off" else
                   Path(train.data_index_cache) if train.data_index_cache else default_index_root())
@@ -196,7 +200,7 @@ def data_options(train: TrainConfig, seg_data: SegDataConfig,
                        expand_texts=expand_texts, skip_bad=train.skip_bad,
                        max_image_pixels=train.max_image_pixels,
                        tokenize_workers=tokenize_workers(train.tokenize_workers),
-                       index_root=index_root)
+                       index_root=index_root, hf_columns=hf_columns)
 
 
 def load_training_data(paths: str, args, model: VLM, tokenizer, env: DistributedEnv,
@@ -206,14 +210,20 @@ def load_training_data(paths: str, args, model: VLM, tokenizer, env: Distributed
     indexed is read by rank 0 first; the other ranks then map its index (data/load_data.py)."""
     train = args.train_config
     processor = ImageProcessor.for_tower(model.vision)
+    entries = list(filter(None, paths.split(",")))
+    if any(stream_source(entry) is not None for entry in entries):  # shards (stream_set.py)
+        refuse_flags(train, args.sample_rates, entries)
+        return [load_stream(entries[0], train, args.hf_columns,
+                            loader_workers(train.num_workers, env.device), env, tokenizer,
+                            processor, model.image_tokens_per_tile, model.config.lm.max_seq_len)]
     tower_cache = tower_feature_cache(model, processor, train, env)
     seg_cache = seg_image_cache(model, train, env)
-    options = data_options(train, args.seg_data, expand_texts)
+    options = data_options(train, args.seg_data, expand_texts, args.hf_columns)
     sizes = (model.image_tokens_per_tile, model.config.lm.max_seq_len)
     settings = (index_settings(tokenizer, processor, *sizes, options)
                 if options.index_root is not None else None)
     datasets, skipped_all = [], []
-    for path in filter(None, paths.split(",")):
+    for path in entries:
         started = time.time()
         serial = uses_index(path, options)  # rank 0 indexes it; the others then map that
         if env.is_main or not serial:
@@ -267,6 +277,9 @@ def training_set(datasets: list, args, env: DistributedEnv, always_mix: bool = F
     c = args.train_config
     if len(datasets) == 1 and not args.sample_rates and not always_mix:
         return datasets[0]
+    if isinstance(datasets[0], StreamSet):  # refuse_flags stopped the other ways here
+        raise ValueError(f"{datasets[0].name}: this stage draws a mixture, which a stream of "
+                         "shards cannot be part of (it has no length); give a JSON or HF dataset")
     rates = ([float(r) for r in args.sample_rates.split(",")] if args.sample_rates
              else [1.0] * len(datasets))
     examples = sum(map(len, datasets))

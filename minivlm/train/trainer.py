@@ -4,11 +4,11 @@ Per optimizer step: `grad_accum` micro-batches (with --pack, rows of several exa
 autocast, each backward scaled by the GradScaler (active only for fp16); gradients all-reduced by
 DDP on the last micro-batch only (no_sync before it), or reduce-scattered by FSDP after every one;
 unscale, clip to the global norm, optimizer step (AdamW, ZeRO-1 or FSDP shards), cosine-warmup LR.
-Data order is a pure function of (seed, epoch), so `--resume` continues bit-exactly.
+Data order is a pure function of (seed, epoch), so `--resume` continues bit-exactly; a stream of
+shards (stream_set.py) resumes from the reader positions saved in trainer_state.json.
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -18,23 +18,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minivlm.data.batch import collate
 from minivlm.data.mixture import MixtureDataset
-from minivlm.data.packing import PackedRows, collate_packed
 from minivlm.models.vlm import VLMConfig
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
-from minivlm.train.batch_plan import BatchPlan
 from minivlm.train.checkpoint import (check_out_dir, config_differences, load_model_and_optimizer,
                                       read_trainer_state, restore_rng, save_checkpoint)
 from minivlm.train.config import TrainConfig, param_groups, resolve_dtype
 from minivlm.train.distributed import (DistributedEnv, barrier, broadcast_int, no_sync_if,
                                        wrap_ddp)
 from minivlm.train.fsdp import shard_model, unsharded
-from minivlm.train.loader import loader_workers, training_loader
+from minivlm.train.loader import batch_plan, trainer_batches
 from minivlm.train.resume_report import resume_changes
 from minivlm.train.results import write_results
 from minivlm.train.schedule import SCHEDULES
 from minivlm.train.step_log import StepWindow, step_line
+from minivlm.train.stream_set import StreamSet
 from minivlm.train.time_budget import StepBudget
 from minivlm.train.zero import ZeRO1, clip_grad_norm_
 from minivlm.weights.checkpoint import read_config, resolve_checkpoint
@@ -69,10 +67,7 @@ class Trainer:
             # Unused parameters exist by design (e.g. the mask decoder on a batch without [SEG]).
             self.train_model = wrap_ddp(self.train_model, env, find_unused_parameters=True)
         self.train_set = train_set
-        self.plan = BatchPlan(train_set.lengths(), config.batch_size, env, config.seed,
-                              config.group_by_length,
-                              pack_len=model.config.lm.max_seq_len if config.pack else 0,
-                              names=train_set.sources() if config.pack else None)
+        self.plan = batch_plan(train_set, config, env, model.config.lm.max_seq_len)
         self.step = 0
         # The step count: --max-steps, or the one --time-budget fixes after its probe steps
         # (until then --max-steps caps the loop; the probe's LR does not depend on it).
@@ -116,6 +111,8 @@ class Trainer:
             self.max_steps = budget["steps"] or self.max_steps
         self.curve = state.get("curve", [])
         self.train_seconds = state.get("train_seconds", 0.0)
+        if isinstance(self.train_set, StreamSet):  # before the loader's workers start
+            self.train_set.resume(state.get("stream"), ckpt)
         restore_rng(ckpt, self.env)
         if self.env.is_main:
             print(f"resumed from {ckpt} at step {self.step}")
@@ -123,14 +120,8 @@ class Trainer:
                 print(line)
 
     def _loader(self):
-        pad_id = self.tokenizer.pad_id
-        batches = self.plan.from_micro_step(self.step * self.config.grad_accum)
-        dataset, collate_fn = ((PackedRows(self.train_set), collate_packed) if self.config.pack
-                               else (self.train_set, collate))
-        device = self.env.device
-        return training_loader(dataset, batches, functools.partial(collate_fn, pad_id=pad_id),
-                               loader_workers(self.config.num_workers, device), device,
-                               self.config.seed)
+        return trainer_batches(self.train_set, self.plan, self.config, self.env.device,
+                               self.tokenizer.pad_id, self.step * self.config.grad_accum)
 
     def _to_device(self, batch: dict) -> dict:
         device = self.env.device
@@ -145,7 +136,10 @@ class Trainer:
             tokenizer=self.tokenizer,
             trainer_state={"scaler": self.scaler.state_dict(), "max_steps": self.max_steps,
                            "curve": self.curve, "train_seconds": self.train_seconds,
-                           "budget": self.budget.state_dict() if self.budget else None},
+                           "budget": self.budget.state_dict() if self.budget else None,
+                           # a stream's reader positions (a collective: every rank saves)
+                           "stream": (self.train_set.state(self.env)
+                                      if isinstance(self.train_set, StreamSet) else None)},
             optimizer=self.optimizer, env=self.env, keep=self.config.keep,
             sharded_optimizer=self.config.zero1 or self.config.fsdp)
 

@@ -18,12 +18,12 @@ from PIL import Image
 
 from minivlm.constants import FINAL_ANSWER_PREFIX, IMAGE_TOKEN, SEG_TOKEN
 from minivlm.data.coco_masks import pixel_outline
+from minivlm.data.record_rules import PRETRAIN_PROMPTS
 from minivlm.data.shapes.config import ShapesConfig
 from minivlm.data.shapes.questions import SINGLE_IMAGE, TWO_IMAGE, Question, referring_expressions
 from minivlm.data.shapes.scene import (KINDS, Scene, caption_scene, render, sample_scene,
                                        scene_key, scene_to_json, shape_mask, split_of)
 
-PRETRAIN_PROMPTS = ("Write a short caption for the image.", "What is in the picture?")
 TWO_IMAGE_PREFIX = f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n"
 SIMPLE_REFERRING = ("name", "colour", "kind")  # the rest need a step of reasoning
 SEM_SEG_CLASSES = ("background",) + KINDS  # label value k is class k; every pixel has a class
