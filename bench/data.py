@@ -42,7 +42,8 @@ from minivlm.data.images import ImageProcessor  # noqa: E402
 from minivlm.data.load_data import DataOptions, load_chat_dataset  # noqa: E402
 from minivlm.data.shapes.config import ShapesConfig  # noqa: E402
 from minivlm.data.shapes.generate import generate  # noqa: E402
-from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from minivlm.data.load_tokenizer import load_tokenizer  # noqa: E402
+from minivlm.data.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 from minivlm.models.build import build_vlm  # noqa: E402
 from minivlm.models.presets import preset_config  # noqa: E402
 from minivlm.train.loader import training_loader  # noqa: E402

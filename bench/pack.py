@@ -40,7 +40,8 @@ from minivlm.data.packing import PackedRows, collate_packed  # noqa: E402
 from minivlm.data.readers import read_dataset  # noqa: E402
 from minivlm.data.shapes.config import ShapesConfig  # noqa: E402
 from minivlm.data.shapes.generate import generate  # noqa: E402
-from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from minivlm.data.load_tokenizer import load_tokenizer  # noqa: E402
+from minivlm.data.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 from minivlm.devices import add_device_arg, resolve_device  # noqa: E402
 from minivlm.models.build import build_vlm  # noqa: E402
 from minivlm.models.presets import preset_config  # noqa: E402

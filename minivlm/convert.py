@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_model
 
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.errors import run_cli
 from minivlm.files import atomic_path, write_json_atomic
 from minivlm.models.transformer import Transformer, TransformerConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.errors import CheckpointError
 from minivlm.lora import apply_lora, merge_and_unload
 from minivlm.models.build import build_vlm_from_config

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from minivlm.data.readers import read_dataset
-from minivlm.data.tokenizer import train_sentencepiece
+from minivlm.data.sentencepiece_tokenizer import train_sentencepiece
 from minivlm.errors import run_cli
 
 

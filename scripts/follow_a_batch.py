@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 import train_sft  # noqa: E402
 from minivlm.data.shapes.config import ShapesConfig  # noqa: E402
 from minivlm.data.shapes.generate import generate  # noqa: E402
-from minivlm.data.tokenizer import train_sentencepiece  # noqa: E402
+from minivlm.data.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 from minivlm.train_tokenizer import dataset_texts  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from minivlm.data.batch import ChatDataset
 from minivlm.data.images import ImageProcessor
 from minivlm.data.readers import read_dataset
 from minivlm.data.reasonseg import expand_referring_texts
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.models.build import build_vlm
 from minivlm.models.presets import preset_config
 from minivlm.train.distributed import barrier, cleanup, init_distributed

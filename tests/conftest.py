@@ -8,7 +8,8 @@ import demo  # the top-level script (pytest runs from the repo root)
 
 from minivlm.data.shapes.config import ShapesConfig
 from minivlm.data.shapes.generate import generate
-from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece
+from minivlm.data.load_tokenizer import load_tokenizer
+from minivlm.data.sentencepiece_tokenizer import train_sentencepiece
 from minivlm.models.build import build_vlm
 from minivlm.models.presets import preset_config
 from minivlm.train.checkpoint import save_checkpoint

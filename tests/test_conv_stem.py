@@ -7,7 +7,7 @@ from minivlm.models.build import build_vision_tower, build_vlm
 from minivlm.models.conv_stem import ConvStem
 from minivlm.models.presets import preset_config
 from minivlm.models.vision import VisionConfig
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.train.checkpoint import save_checkpoint
 from minivlm.train.distributed import init_distributed
 

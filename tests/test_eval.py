@@ -14,7 +14,7 @@ import minivlm.eval.loop as eval_loop
 from minivlm.constants import FINAL_ANSWER_PREFIX
 from minivlm.data.readers import read_chiron_eval
 from minivlm.data.reasonseg import read_reasonseg_dir
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.errors import run_cli
 from minivlm.eval.segmentation import seg_metrics
 from minivlm.eval.seg_iou import seg_iou

@@ -13,7 +13,7 @@ import transformers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from minivlm.convert import load_converted, main
-from minivlm.data.chat_encoding import CHATML
+from minivlm.data.chat_template import CHATML
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
 from minivlm.weights.gguf_tokenizer import load_gguf_tokenizer
 from minivlm.weights.gguf import open_gguf

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_vlm_config
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.models.attention_mask import ImageTokensConfig
 from minivlm.models.build import build_vlm, build_vlm_from_config
 from minivlm.models.image_positions import ImagePositions2D

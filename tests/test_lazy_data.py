@@ -26,7 +26,7 @@ from minivlm.data.load_data import DataOptions, load_chat_dataset
 from minivlm.data.masks import MaskSource, decode_masks
 from minivlm.data.readers import read_dataset
 from minivlm.data.reasonseg import polygons_to_mask
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.load import load_vlm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from minivlm.data.images import ImageProcessor
 from minivlm.data.load_data import DataOptions, load_chat_dataset
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 
 def status(key):  # kB
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])

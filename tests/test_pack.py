@@ -20,7 +20,7 @@ from minivlm.data.batch import ChatDataset, collate
 from minivlm.data.images import ImageProcessor
 from minivlm.data.packing import collate_packed, first_fit_decreasing
 from minivlm.data.sample import Sample
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.load import load_vlm
 from minivlm.models.attention_mask import (DocumentSpans, ImageTokensConfig, document_mask,
                                            image_blocks, is_ready_mask)

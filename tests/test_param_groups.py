@@ -3,7 +3,7 @@ import torch
 
 import train_pretrain
 from conftest import tiny_vlm_config
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.models.build import build_vlm
 from minivlm.train.config import param_groups
 

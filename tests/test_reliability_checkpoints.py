@@ -16,7 +16,8 @@ import torch
 import eval as eval_script
 import train_pretrain
 import train_sft
-from minivlm.data.tokenizer import load_tokenizer, train_sentencepiece
+from minivlm.data.load_tokenizer import load_tokenizer
+from minivlm.data.sentencepiece_tokenizer import train_sentencepiece
 from minivlm.errors import CheckpointError, run_cli
 from minivlm.models.build import build_vlm
 from minivlm.train.checkpoint import load_optimizer_state, save_checkpoint

@@ -17,7 +17,7 @@ from minivlm.data.feature_cache import FeatureCache
 from minivlm.data.images import ImageProcessor
 from minivlm.data.readers import read_dataset
 from minivlm.data.sample import Sample
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.eval.inference import segment_samples
 from minivlm.load import load_vlm
 from minivlm.models.build import build_vlm

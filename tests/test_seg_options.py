@@ -10,7 +10,7 @@ from conftest import tiny_vlm_config
 from minivlm.data.batch import ChatDataset, collate
 from minivlm.data.images import ImageProcessor
 from minivlm.data.sample import Sample
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.models.build import build_vlm, build_vlm_from_config
 from minivlm.models.dot_mask_head import DotProductMaskHead
 from minivlm.models.seg_head import SegConfig, SimilarityPrompt

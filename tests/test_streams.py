@@ -30,7 +30,7 @@ from minivlm.data.shapes.generate import generate
 from minivlm.data.record_rules import PRETRAIN_PROMPTS
 from minivlm.data.shard_stream import (POSITION_KEY, ShardStream, expand_braces, merge_states,
                                        stream_positions)
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minivlm.data.chat_encoding import CHATML, MINIVLM, template_from_jinja
+from minivlm.data.chat_template import CHATML, MINIVLM, template_from_jinja
 from minivlm.data.hf_tokenizer import HFTokenizer, load_hf_tokenizer
-from minivlm.data.tokenizer import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from minivlm.data.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
+from minivlm.data.load_tokenizer import load_tokenizer
 
 CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
                 "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"

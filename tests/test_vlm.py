@@ -11,7 +11,7 @@ from minivlm.data.feature_cache import FeatureCache
 from minivlm.data.images import (ImageProcessor, choose_grid, dynamic_tiles, load_image,
                                  num_tiles)
 from minivlm.data.sample import Sample
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.train.activation_checkpointing import enable_activation_checkpointing
 
 

@@ -9,8 +9,8 @@ from typing import Iterable
 import tokenizers
 
 from minivlm.constants import IMAGE_TOKEN, SEG_TOKEN
-from minivlm.data.chat_encoding import (CONFIG_FILE, MINIVLM, ChatTemplate, Tokenizer,
-                                        get_chat_template, template_from_jinja)
+from minivlm.data.chat_template import MINIVLM, ChatTemplate, get_chat_template, template_from_jinja
+from minivlm.data.tokenizer import CONFIG_FILE, Tokenizer
 from minivlm.files import atomic_path
 
 

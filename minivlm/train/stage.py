@@ -29,7 +29,7 @@ from minivlm.data.record_index import default_index_root
 from minivlm.data.seg_data_config import SegDataConfig
 from minivlm.data.skipped import skip_summary, skipped_record, write_skipped
 from minivlm.data.hf_tokenizer import load_hf_tokenizer
-from minivlm.data.tokenizer import load_tokenizer
+from minivlm.data.load_tokenizer import load_tokenizer
 from minivlm.load import load_gguf, load_vlm
 from minivlm.lora import apply_lora
 from minivlm.models.attention_mask import ImageTokensConfig

@@ -18,7 +18,7 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
-from minivlm.data.chat_encoding import ChatTemplate
+from minivlm.data.chat_template import ChatTemplate
 from minivlm.data.hf_tokenizer import HFTokenizer, wrap_tokenizers
 from minivlm.weights.gguf import open_gguf, read_metadata
 
