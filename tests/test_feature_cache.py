@@ -101,3 +101,20 @@ def test_two_processes_filling_the_same_entries_leave_whole_files(tmp_path):
         torch.testing.assert_close(cache.get(path), torch.full((3,), float(i)))
     assert encoder.calls == 0
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_image_bytes_are_keyed_by_their_content(tmp_path):
+    """A parquet cell or a tar member has no file: its bytes are the key."""
+    image = write_image(tmp_path / "a.png", 10)
+    data = image.read_bytes()
+    calls = []
+
+    def encode(source):
+        calls.append(source)
+        return torch.tensor([float(len(source))])
+
+    cache = FeatureCache(tmp_path / "cache", "enc", encode)
+    first = cache.get(data)
+    assert cache.get(data) is not None and len(calls) == 1 and calls[0] == data
+    torch.testing.assert_close(first, torch.tensor([float(len(data))]))
+    assert cache.entry(data) == cache.entry(image)  # the same bytes, as a file or in memory

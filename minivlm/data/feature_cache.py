@@ -56,34 +56,41 @@ class FeatureCache:
     """`get(path)` returns the encoder's output for the image at `path`, computing it with
     `compute(path)` only when no entry exists for this namespace and these image bytes."""
 
-    def __init__(self, root: str | Path, namespace: str, compute: Callable[[Path], torch.Tensor]):
+    def __init__(self, root: str | Path, namespace: str,
+                 compute: Callable[[Path | bytes], torch.Tensor]):
         self.namespace = namespace
         self.directory = Path(root) / hashlib.sha256(namespace.encode()).hexdigest()[:16]
         self.compute = compute
         self.hits = self.misses = 0
         self._digests: dict[Path, str] = {}  # one read of each image file per run
 
-    def key(self, path: str | Path) -> str:
-        path = Path(path)
-        if path not in self._digests:
-            self._digests[path] = file_digest(path)
-        return hashlib.sha256(f"{self.namespace}\n{self._digests[path]}".encode()).hexdigest()
+    def key(self, image: str | Path | bytes) -> str:
+        """An image file (read once per run), or an image's bytes (a parquet cell, a tar member)."""
+        if isinstance(image, bytes):
+            digest = hashlib.sha256(image).hexdigest()
+        else:
+            path = Path(image)
+            if path not in self._digests:
+                self._digests[path] = file_digest(path)
+            digest = self._digests[path]
+        return hashlib.sha256(f"{self.namespace}\n{digest}".encode()).hexdigest()
 
-    def entry(self, path: str | Path) -> Path:
+    def entry(self, path: str | Path | bytes) -> Path:
         key = self.key(path)
         return self.directory / key[:2] / f"{key}.pt"
 
-    def get(self, path: str | Path) -> torch.Tensor:
+    def get(self, path: str | Path | bytes) -> torch.Tensor:
         entry = self.entry(path)
         if entry.is_file():
             self.hits += 1
             return self.read(entry)
         self.misses += 1
-        features = self.compute(Path(path)).detach().cpu().contiguous()
+        image = path if isinstance(path, bytes) else Path(path)
+        features = self.compute(image).detach().cpu().contiguous()
         self._write(entry, features)
         return features
 
-    def ensure(self, path: str | Path) -> Path:
+    def ensure(self, path: str | Path | bytes) -> Path:
         """The entry's file, computed if missing; nothing is read back (warming the cache)."""
         entry = self.entry(path)
         if not entry.is_file():
