@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +211,28 @@ def build_mask_decoder(config: MaskDecoderConfig) -> tuple[MaskDecoder, NoMaskPr
     return decoder, NoMaskPromptEncoder(config.transformer_dim)
 
 
+def check_tensors(path: str | Path, found: dict[str, Tensor], expected: dict[str, Tensor],
+                  sized_by: Callable[[str], str], prefix: str = "",
+                  allow_extra: bool = False) -> None:
+    """A strict load's checks, as one line naming the file and the first key that is missing,
+    has another shape, or (unless `allow_extra`) is not ours; `sized_by(key)` names the config
+    that fixes a key's shape. Shared by load_sam_mask_decoder and sam_checkpoint.load_sam."""
+    for name, tensor in expected.items():
+        if name not in found:
+            raise ValueError(
+                f"{path}: missing key '{prefix}{name}' (expected shape {tuple(tensor.shape)})"
+            )
+        if found[name].shape != tensor.shape:
+            raise ValueError(
+                f"{path}: key '{prefix}{name}' has shape {tuple(found[name].shape)}, "
+                f"expected {tuple(tensor.shape)} for {sized_by(name)}"
+            )
+    unexpected = [name for name in found if name not in expected]
+    if unexpected and not allow_extra:
+        raise ValueError(f"{path}: unexpected key '{prefix}{unexpected[0]}' for "
+                         f"{sized_by(unexpected[0])}")
+
+
 def load_sam_mask_decoder(
     path: str | Path, config: MaskDecoderConfig = MASK_DECODER_PRESETS["sam"]
 ) -> tuple[MaskDecoder, NoMaskPromptEncoder]:
@@ -233,18 +256,7 @@ def load_sam_mask_decoder(
         found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not found:
             raise ValueError(f"{path}: no '{prefix}*' keys; expected an original SAM checkpoint")
-        for name, tensor in expected.items():
-            if name not in found:
-                raise ValueError(
-                    f"{path}: missing key '{prefix}{name}' (expected shape {tuple(tensor.shape)})"
-                )
-            if found[name].shape != tensor.shape:
-                raise ValueError(
-                    f"{path}: key '{prefix}{name}' has shape {tuple(found[name].shape)}, "
-                    f"expected {tuple(tensor.shape)} for {config}"
-                )
-        extras = sorted(set(found) - set(expected))
-        if strict_extras and extras:
-            raise ValueError(f"{path}: unexpected key '{prefix}{extras[0]}' for {config}")
+        check_tensors(path, found, expected, lambda key: str(config), prefix,
+                      allow_extra=not strict_extras)
         module.load_state_dict({name: found[name] for name in expected}, strict=True)
     return decoder, prompt_encoder

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minivlm.models.mask_decoder import MASK_DECODER_PRESETS, MaskDecoderConfig
+from minivlm.models.mask_decoder import MASK_DECODER_PRESETS, MaskDecoderConfig, check_tensors
 from minivlm.models.prompt_encoder import NoMaskPromptEncoder
 from minivlm.models.sam import Sam, SamConfig, SamEncoderConfig, build_sam_parts
 from minivlm.models.sam_prompt_encoder import PromptEncoder
@@ -152,21 +152,7 @@ def load_sam(
         parts = build_sam_parts(config)
     sam = Sam(**parts)
     expected = sam.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise ValueError(
-                f"{path}: missing key '{key}' (expected shape {tuple(tensor.shape)})"
-            )
-        if state[key].shape != tensor.shape:
-            raise ValueError(
-                f"{path}: key '{key}' has shape {tuple(state[key].shape)}, expected "
-                f"{tuple(tensor.shape)} for {_sized_by(key, config)}"
-            )
-    unexpected = [key for key in state if key not in expected]
-    if unexpected:
-        raise ValueError(
-            f"{path}: unexpected key '{unexpected[0]}' for {_sized_by(unexpected[0], config)}"
-        )
+    check_tensors(path, state, expected, lambda key: _sized_by(key, config))
     # assign=True adopts the loaded tensors (the meta ones have no storage to copy into).
     sam.load_state_dict(
         {key: state[key].to(tensor.dtype) for key, tensor in expected.items()},
